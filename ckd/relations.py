@@ -1,0 +1,304 @@
+"""Mask-aware relation primitives shared by the objectives.
+
+Everything here works on *sets* of vectors: a tensor (N, m, d) holds N independent sets of m vectors
+with a boolean validity mask (N, m). Word Relation uses one set per (sample, layer) whose members are
+tokens; Layer Transforming Relation uses one set per (sample, token) whose members are layers. Padding
+never enters a value or a gradient: invalid members are removed with `torch.where` (never by adding
+-inf and hoping), so fully padded sets and sets with a single member give exact zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+_EPS = 1e-12
+
+def relation_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32 for half-precision inputs, otherwise the widest input dtype (float64 stays float64)."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def cosine_matrix(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Pairwise cosine similarities (N, m, m) of the members of each set."""
+    x = x.to(dtype)
+    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    return unit @ unit.transpose(-1, -2)
+
+
+def masked_log_softmax(scores: Tensor, allowed: Tensor) -> Tensor:
+    """log_softmax over allowed columns; rows with no allowed column give zeros (not NaN)."""
+    row_has_any = allowed.any(dim=-1, keepdim=True)
+    scores = torch.where(allowed, scores, torch.full_like(scores, float("-inf")))
+    scores = torch.where(row_has_any, scores, torch.zeros_like(scores))
+    return torch.where(allowed, torch.log_softmax(scores, dim=-1), torch.zeros_like(scores))
+
+
+def masked_row_kl(teacher_scores: Tensor, student_scores: Tensor, allowed: Tensor) -> Tensor:
+    """Sum over rows of KL(softmax(teacher row) || softmax(student row)) restricted to `allowed`.
+
+    Args:
+        teacher_scores, student_scores: (..., m, m) row scores.
+        allowed: (..., m, m) bool; each row's softmax runs over its allowed columns only.
+
+    Returns:
+        A scalar: the KL summed over every row that has at least one allowed column.
+    """
+    log_p = masked_log_softmax(teacher_scores, allowed)
+    log_q = masked_log_softmax(student_scores, allowed)
+    p = torch.where(allowed, log_p.exp(), torch.zeros_like(log_p))
+    return (p * (log_p - log_q)).sum()
+
+
+def off_diagonal_pairs(valid: Tensor) -> Tensor:
+    """(N, m, m) bool: both members valid and distinct."""
+    m = valid.shape[-1]
+    eye = torch.eye(m, dtype=torch.bool, device=valid.device)
+    return valid[..., :, None] & valid[..., None, :] & ~eye
+
+
+def window_pairs(m: int, window: int | None, device: torch.device) -> Tensor | None:
+    """(m, m) bool band |i - j| <= (window - 1) / 2, or None for the full relation."""
+    if window is None:
+        return None
+    half = (window - 1) // 2
+    idx = torch.arange(m, device=device)
+    return (idx[:, None] - idx[None, :]).abs() <= half
+
+
+# Pairs closer than this fraction of their (centred) norms go through the direct path of the angle
+# relation: the Gram expansion divides by the pair's distance twice per side, so its float64 rounding
+# grows like CLOSE**-4 (1e-8 here), small enough to ignore; closer pairs are computed from explicit
+# differences, which are exact.
+CLOSE_RELATIVE_DISTANCE = 1e-2
+
+
+class _AngleSide:
+    """Per-set quantities of one model's side of the angle relation, all in float64.
+
+    raw: the input members, centred: members minus the set's valid mean (angles depend only on
+    differences, and centring keeps the Gram entries that cancel below as small as possible),
+    gram: centred Gram matrix, inv_dist: 1 / ||r_j - r_i|| on allowed pairs (0 elsewhere, and 0
+    for exactly coincident members, whose direction is undefined), close: allowed pairs too close
+    for the Gram identity.
+    """
+
+    def __init__(self, x: Tensor, valid: Tensor, allowed: Tensor) -> None:
+        self.raw = x.to(torch.float64)
+        weights = valid.to(torch.float64)[..., None]
+        mean = (self.raw * weights).sum(-2, keepdim=True) / weights.sum(-2, keepdim=True).clamp_min(1.0)
+        self.centred = (self.raw - mean) * weights
+        self.gram = self.centred @ self.centred.transpose(-1, -2)
+        diag = self.gram.diagonal(dim1=-2, dim2=-1)
+        norms = diag[..., :, None] + diag[..., None, :]
+        sq_dist = (norms - 2.0 * self.gram).clamp_min(0.0)
+        self.close = allowed & (sq_dist <= CLOSE_RELATIVE_DISTANCE**2 * norms)
+        far = allowed & ~self.close
+        safe = torch.where(far, sq_dist, torch.ones_like(sq_dist))
+        self.inv_dist = torch.where(far, safe.rsqrt(), torch.zeros_like(safe))
+
+
+def _expansion_cross(x: _AngleSide, y: _AngleSide, weights: Tensor) -> Tensor:
+    """sum_i sum_jk Px_ijk Py_ijk over pairs with nonzero weight, using only (m x m) matmuls.
+
+    With E_ijk = G_jk - p_ij - p_ik (p_ij = G_ij - G_ii / 2) and C_ij = s^x_ij s^y_ij the product of
+    inverse distances, sum_jk C_ij C_ik E^x_ijk E^y_ijk expands into four terms that are row sums of
+    matrix products: O(m^3) per set instead of the O(m^3 d) of forming every difference vector.
+    """
+    gx, gy = x.gram, y.gram
+    px = gx - 0.5 * gx.diagonal(dim1=-2, dim2=-1)[..., :, None]
+    py = gy - 0.5 * gy.diagonal(dim1=-2, dim2=-1)[..., :, None]
+    c = weights
+    t1 = ((c @ (gx * gy)) * c).sum(-1)
+    t2 = 2.0 * (c * py * (c @ gx)).sum(-1)
+    t3 = 2.0 * (c * px * (c @ gy)).sum(-1)
+    t4 = 2.0 * (c * px * py).sum(-1) * c.sum(-1) + 2.0 * (c * px).sum(-1) * (c * py).sum(-1)
+    return (t1 - t2 - t3 + t4).sum()
+
+
+def _direct_rows(side: _AngleSide, sets: Tensor, vertex: Tensor, member: Tensor, allowed: Tensor) -> Tensor:
+    """psi[set, vertex, member, k] for all k, from explicit difference vectors (exact for close pairs).
+
+    The difference of two float32 values is exact in float64, so r_j - r_i loses nothing however
+    close the members are; the inner products with r_k - r_i then carry only ordinary rounding.
+    """
+    diff = side.raw[sets, member] - side.raw[sets, vertex]  # (P, d), exact
+    dist = diff.norm(dim=-1)
+    dots = torch.einsum("pd,pmd->pm", diff, side.centred[sets])
+    inner = dots - dots.gather(1, vertex[:, None])  # <r_j - r_i, r_k - r_i>
+    # Distances from the vertex to every k: explicit differences for k that are close, Gram otherwise.
+    inv_row = side.inv_dist[sets, vertex].clone()
+    close_row = side.close[sets, vertex]
+    if close_row.any():
+        row_diff = side.raw[sets] - side.raw[sets, vertex][:, None, :]
+        row_dist = row_diff.norm(dim=-1)
+        positive = close_row & (row_dist > 0)
+        inv_row = torch.where(positive, 1.0 / torch.where(positive, row_dist, torch.ones_like(row_dist)), inv_row)
+    inv_j = torch.where(dist > 0, 1.0 / torch.where(dist > 0, dist, torch.ones_like(dist)), torch.zeros_like(dist))
+    return inner * inv_j[:, None] * inv_row * allowed[sets, vertex].to(inner.dtype)
+
+
+def _close_pairs_sse(student: _AngleSide, teacher: _AngleSide, allowed: Tensor, close: Tensor) -> Tensor:
+    """Contribution of every triple (i, j, k) in which j or k is close to i, from exact rows."""
+    sets, vertex, member = close.nonzero(as_tuple=True)
+    if sets.numel() == 0:
+        return student.gram.new_zeros(())
+    delta = _direct_rows(student, sets, vertex, member, allowed) - _direct_rows(
+        teacher, sets, vertex, member, allowed
+    )
+    # A triple with both j and k close appears once in the rows; one with only j close appears
+    # here and again as (i, k, j), which no row holds: count it twice.
+    far_k = allowed[sets, vertex] & ~close[sets, vertex]
+    multiplicity = 1.0 + far_k.to(delta.dtype)
+    return (delta.square() * multiplicity).sum()
+
+
+def _angle_block_sse(s_raw: Tensor, t_raw: Tensor, valid: Tensor, band: Tensor | None) -> Tensor:
+    allowed = off_diagonal_pairs(valid)
+    if band is not None:
+        allowed = allowed & band
+    student = _AngleSide(s_raw, valid, allowed)
+    teacher = _AngleSide(t_raw, valid, allowed)
+    close = student.close | teacher.close
+    far = allowed & ~close
+    # The far part: sum over j, k both far of (Ps - Pt)^2 = Qss + Qtt - 2 Qst.
+    cs = torch.where(far, student.inv_dist, torch.zeros_like(student.inv_dist))
+    ct = torch.where(far, teacher.inv_dist, torch.zeros_like(teacher.inv_dist))
+    far_sse = (
+        _expansion_cross(student, student, cs * cs)
+        + _expansion_cross(teacher, teacher, ct * ct)
+        - 2.0 * _expansion_cross(student, teacher, cs * ct)
+    )
+    return far_sse + _close_pairs_sse(student, teacher, allowed, close)
+
+
+def angle_relation_sse(
+    student: Tensor,
+    teacher: Tensor,
+    valid: Tensor,
+    window: int | None = None,
+    max_block_elements: int = 1 << 22,
+) -> tuple[Tensor, Tensor]:
+    """Sum of squared differences of the triple-wise angle relation, and the number of triples.
+
+    For every set, vertex i and members j, k (all valid; j, k inside the window around i when a
+    window is given): psi_ijk = cos of the angle between r_j - r_i and r_k - r_i, defined as 0 when
+    j == i, k == i, or a member coincides exactly with the vertex. Student and teacher widths may
+    differ: only (m x m) relations are compared, never the vectors.
+
+    Cost is O(N (m^2 d + m^3)) with no (m, m, d) or (m, m, m) tensor: the sum over (j, k) is expanded
+    into matrix products of Gram matrices (float64), and pairs too close for that expansion are
+    computed from explicit differences. Sets are processed in blocks with activation checkpointing,
+    so peak memory stays bounded at any batch size.
+
+    Returns:
+        (sse, count): sse = sum (psi_S - psi_T)^2 (float64); count = number of valid (i, j, k) with
+        j, k in the window, degenerate ones (j == i or k == i) included, as in the reference's mean
+        over the cube.
+    """
+    n_sets, m = valid.shape
+    band = window_pairs(m, window, valid.device)
+    members = valid[:, :, None] & valid[:, None, :]
+    if band is not None:
+        members = members & band
+    count = ((members.sum(-1).to(torch.float64) ** 2) * valid).sum()
+
+    block = max(1, max_block_elements // max(1, m * max(m, student.shape[-1], teacher.shape[-1])))
+    needs_grad = torch.is_grad_enabled() and student.requires_grad
+    teacher = teacher.detach()
+    total = student.new_zeros((), dtype=torch.float64)
+    for start in range(0, n_sets, block):
+        part = (student[start : start + block], teacher[start : start + block], valid[start : start + block], band)
+        if needs_grad and n_sets > block:
+            total = total + checkpoint(_angle_block_sse, *part, use_reentrant=False)
+        else:
+            total = total + _angle_block_sse(*part)
+    return total, count
+
+
+def pair_count(valid: Tensor) -> Tensor:
+    """Number of valid (i, j) pairs, diagonal included, summed over sets (the reference's normaliser)."""
+    return (valid.sum(-1).to(torch.float64) ** 2).sum()
+
+
+def cosine_kl_sum(student: Tensor, teacher: Tensor, valid: Tensor) -> Tensor:
+    """Sum over sets and rows i of KL(P^T_i || P^S_i), P_i = softmax_j cos(r_i, r_j) over valid j != i."""
+    dtype = relation_dtype(student, teacher)
+    allowed = off_diagonal_pairs(valid)
+    with torch.no_grad():
+        t_scores = cosine_matrix(teacher, dtype)
+    return masked_row_kl(t_scores, cosine_matrix(student, dtype), allowed)
+
+
+def squared_distance_matrix(x: Tensor, valid: Tensor) -> Tensor:
+    """||r_i - r_j||^2 (float64 from a centred Gram, so near-duplicates do not cancel away)."""
+    x = x.to(torch.float64)
+    weights = valid.to(torch.float64)[..., None]
+    mean = (x * weights).sum(-2, keepdim=True) / weights.sum(-2, keepdim=True).clamp_min(1.0)
+    centred = (x - mean) * weights
+    gram = centred @ centred.transpose(-1, -2)
+    diag = gram.diagonal(dim1=-2, dim2=-1)
+    return (diag[..., :, None] + diag[..., None, :] - 2.0 * gram).clamp_min(0.0)
+
+
+def distance_relation(x: Tensor, valid: Tensor, squared: bool, normalize: bool) -> Tensor:
+    """Pairwise (squared) distances on valid off-diagonal pairs, optionally divided by their mean
+    over the set (RKD's scale normalisation); 0 elsewhere."""
+    allowed = off_diagonal_pairs(valid)
+    sq = squared_distance_matrix(x, valid)
+    if squared:
+        dist = sq
+    else:
+        dist = torch.where(allowed, torch.where(allowed, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+    dist = torch.where(allowed, dist, torch.zeros_like(dist))
+    if normalize:
+        positive = allowed & (dist > 0)
+        mean = dist.sum((-1, -2), keepdim=True) / positive.sum((-1, -2), keepdim=True).clamp_min(1)
+        dist = dist / mean.clamp_min(_EPS)
+    return dist
+
+
+def distance_relation_sum(
+    student: Tensor, teacher: Tensor, valid: Tensor, squared: bool, normalize: bool, loss: str
+) -> Tensor:
+    """Sum over valid off-diagonal pairs of smooth-L1 / L1 / squared error between distance relations."""
+    s = distance_relation(student, valid, squared, normalize)
+    with torch.no_grad():
+        t = distance_relation(teacher, valid, squared, normalize)
+    if loss == "smooth_l1":
+        per_pair = torch.nn.functional.smooth_l1_loss(s, t, reduction="none")
+    elif loss == "l1":
+        per_pair = (s - t).abs()
+    else:
+        per_pair = (s - t).square()
+    return torch.where(off_diagonal_pairs(valid), per_pair, torch.zeros_like(per_pair)).sum()
+
+
+def scaled_similarity(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """x x^T * scale (the attention-style token similarity)."""
+    x = x.to(dtype)
+    return (x @ x.transpose(-1, -2)) * scale
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, n, d) -> (B, heads, n, d / heads)."""
+    b, n, d = x.shape
+    return x.view(b, n, heads, d // heads).transpose(1, 2)
+
+
+def similarity_kl_mean(student: Tensor, teacher: Tensor, valid: Tensor, include_self: bool = True) -> Tensor:
+    """Mean over valid rows of KL(softmax(teacher row) || softmax(student row)) over valid columns.
+
+    student, teacher: (..., n, n) scores; valid: (B, n), broadcast over leading group dimensions.
+    """
+    while valid.dim() < student.dim() - 1:
+        valid = valid[:, None]
+    pairs = valid[..., :, None] & valid[..., None, :]
+    if not include_self:
+        pairs = pairs & ~torch.eye(pairs.shape[-1], dtype=torch.bool, device=pairs.device)
+    pairs = pairs.expand(student.shape)
+    rows = pairs.any(-1)
+    return masked_row_kl(teacher.detach(), student, pairs) / rows.sum().clamp_min(1)
