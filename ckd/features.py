@@ -69,7 +69,8 @@ class Features:
     """Tensors captured from one model on one batch.
 
     Args:
-        hidden_states: num_layers + 1 tensors of shape (B, n, d); index 0 is the embedding output.
+        hidden_states: num_layers + 1 entries of shape (B, n, d); index 0 is the embedding output.
+            Layers no term asked for may be None (the job captures only what is needed).
         attention_mask: (B, n), 1 for a token and 0 for padding.
         logits: (B, num_labels), or None when no term reads them.
         attentions: layer index (1-based) -> attention probabilities (B, h, n, n).
@@ -79,7 +80,7 @@ class Features:
         num_heads: attention heads per layer of this model.
     """
 
-    hidden_states: tuple[Tensor, ...] | list[Tensor]
+    hidden_states: tuple[Tensor | None, ...] | list[Tensor | None]
     attention_mask: Tensor
     logits: Tensor | None = None
     attentions: dict[int, Tensor] = field(default_factory=dict)

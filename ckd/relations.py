@@ -156,7 +156,7 @@ def _close_pairs_sse(student: _AngleSide, teacher: _AngleSide, allowed: Tensor, 
     return (delta.square() * multiplicity).sum()
 
 
-def _angle_block_sse(s_raw: Tensor, t_raw: Tensor, valid: Tensor, band: Tensor | None) -> Tensor:
+def _angle_block_sse(s_raw: Tensor, t_raw: Tensor, valid: Tensor, band: Tensor | None, window: int | None) -> Tensor:
     allowed = off_diagonal_pairs(valid)
     if band is not None:
         allowed = allowed & band
@@ -164,15 +164,46 @@ def _angle_block_sse(s_raw: Tensor, t_raw: Tensor, valid: Tensor, band: Tensor |
     teacher = _AngleSide(t_raw, valid, allowed)
     close = student.close | teacher.close
     far = allowed & ~close
-    # The far part: sum over j, k both far of (Ps - Pt)^2 = Qss + Qtt - 2 Qst.
     cs = torch.where(far, student.inv_dist, torch.zeros_like(student.inv_dist))
     ct = torch.where(far, teacher.inv_dist, torch.zeros_like(teacher.inv_dist))
-    far_sse = (
-        _expansion_cross(student, student, cs * cs)
-        + _expansion_cross(teacher, teacher, ct * ct)
-        - 2.0 * _expansion_cross(student, teacher, cs * ct)
-    )
+    if window is None:
+        # The far part: sum over j, k both far of (Ps - Pt)^2 = Qss + Qtt - 2 Qst.
+        far_sse = (
+            _expansion_cross(student, student, cs * cs)
+            + _expansion_cross(teacher, teacher, ct * ct)
+            - 2.0 * _expansion_cross(student, teacher, cs * ct)
+        )
+    else:
+        far_sse = _windowed_far_sse(student, teacher, cs, ct, window)
     return far_sse + _close_pairs_sse(student, teacher, allowed, close)
+
+
+def _window_members(m: int, window: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(m, w) member indices j = i - h .. i + h for each vertex i, and which of them exist."""
+    half = (window - 1) // 2
+    idx = torch.arange(m, device=device)[:, None] + torch.arange(-half, half + 1, device=device)[None, :]
+    inside = (idx >= 0) & (idx < m)
+    return idx.clamp(0, m - 1), inside
+
+
+def _windowed_far_sse(student: _AngleSide, teacher: _AngleSide, cs: Tensor, ct: Tensor, window: int) -> Tensor:
+    """The far part for a window: only the (w x w) block of each vertex is formed, O(m w^2) per set.
+
+    Clamped indices at the edges point at real members, but their inverse distance is zeroed through
+    `inside`, so no position is ever counted twice.
+    """
+    m = cs.shape[-1]
+    idx, inside = _window_members(m, min(window, 2 * m - 1), cs.device)
+    rows = torch.arange(m, device=cs.device)[:, None]
+
+    def block(side: _AngleSide, inv: Tensor) -> Tensor:
+        gram = side.gram
+        g_jk = gram[:, idx[:, :, None], idx[:, None, :]]  # (N, m, w, w)
+        p = (gram - 0.5 * gram.diagonal(dim1=-2, dim2=-1)[..., :, None])[:, rows, idx]  # (N, m, w)
+        s = inv[:, rows, idx] * inside
+        return (g_jk - p[..., :, None] - p[..., None, :]) * s[..., :, None] * s[..., None, :]
+
+    return (block(student, cs) - block(teacher, ct)).square().sum()
 
 
 def angle_relation_sse(
@@ -180,7 +211,7 @@ def angle_relation_sse(
     teacher: Tensor,
     valid: Tensor,
     window: int | None = None,
-    max_block_elements: int = 1 << 22,
+    max_block_elements: int = 1 << 20,
 ) -> tuple[Tensor, Tensor]:
     """Sum of squared differences of the triple-wise angle relation, and the number of triples.
 
@@ -206,13 +237,14 @@ def angle_relation_sse(
         members = members & band
     count = ((members.sum(-1).to(torch.float64) ** 2) * valid).sum()
 
-    block = max(1, max_block_elements // max(1, m * max(m, student.shape[-1], teacher.shape[-1])))
+    per_set = m * max(m if window is None else min(window, m) ** 2, student.shape[-1], teacher.shape[-1])
+    block = max(1, max_block_elements // max(1, per_set))
     needs_grad = torch.is_grad_enabled() and student.requires_grad
     teacher = teacher.detach()
     total = student.new_zeros((), dtype=torch.float64)
     for start in range(0, n_sets, block):
-        part = (student[start : start + block], teacher[start : start + block], valid[start : start + block], band)
-        if needs_grad and n_sets > block:
+        part = (student[start : start + block], teacher[start : start + block], valid[start : start + block], band, window)
+        if needs_grad:
             total = total + checkpoint(_angle_block_sse, *part, use_reentrant=False)
         else:
             total = total + _angle_block_sse(*part)
@@ -226,11 +258,11 @@ def pair_count(valid: Tensor) -> Tensor:
 
 def cosine_kl_sum(student: Tensor, teacher: Tensor, valid: Tensor) -> Tensor:
     """Sum over sets and rows i of KL(P^T_i || P^S_i), P_i = softmax_j cos(r_i, r_j) over valid j != i."""
-    dtype = relation_dtype(student, teacher)
+    # float64: with a large common component all cosines crowd near 1 and float32 loses the KL.
     allowed = off_diagonal_pairs(valid)
     with torch.no_grad():
-        t_scores = cosine_matrix(teacher, dtype)
-    return masked_row_kl(t_scores, cosine_matrix(student, dtype), allowed)
+        t_scores = cosine_matrix(teacher, torch.float64)
+    return masked_row_kl(t_scores, cosine_matrix(student, torch.float64), allowed)
 
 
 def squared_distance_matrix(x: Tensor, valid: Tensor) -> Tensor:
@@ -252,11 +284,12 @@ def distance_relation(x: Tensor, valid: Tensor, squared: bool, normalize: bool) 
     if squared:
         dist = sq
     else:
-        dist = torch.where(allowed, torch.where(allowed, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+        # sqrt is not differentiable at 0 (exact duplicates): take it only where the distance is positive.
+        positive = allowed & (sq > 0)
+        dist = torch.where(positive, torch.where(positive, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
     dist = torch.where(allowed, dist, torch.zeros_like(dist))
     if normalize:
-        positive = allowed & (dist > 0)
-        mean = dist.sum((-1, -2), keepdim=True) / positive.sum((-1, -2), keepdim=True).clamp_min(1)
+        mean = dist.sum((-1, -2), keepdim=True) / allowed.sum((-1, -2), keepdim=True).clamp_min(1)
         dist = dist / mean.clamp_min(_EPS)
     return dist
 

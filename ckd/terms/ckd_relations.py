@@ -45,6 +45,11 @@ class WindowAngleOptions(AngleOptions):
             raise ValueError(f"window: must be an odd integer >= 3 (or null for the full relation), got {self.window}")
 
 
+def _result(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """Relations run in float64; the term answers in float32, or float64 for float64 inputs."""
+    return value.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 class _CKDTerm(Term):
     def __init__(self, options, student, teacher, task) -> None:
         super().__init__(options, student, teacher, task)
@@ -56,38 +61,52 @@ class _CKDTerm(Term):
             teacher=FeatureNeeds(hidden_states=frozenset(t for _, t in self.layer_map)),
         )
 
-    def _word_sets(self, student: Features, teacher: Features) -> tuple[Tensor, Tensor, Tensor]:
-        """One set per (layer, sample) whose members are tokens: (L' B, n, d)."""
-        s = torch.cat([student.hidden_states[i] for i, _ in self.layer_map])
-        t = torch.cat([teacher.hidden_states[j] for _, j in self.layer_map])
-        valid = student.mask.repeat(len(self.layer_map), 1)
-        return s, t, valid
+    def _word_sets(self, student: Features, teacher: Features):
+        """Per aligned layer, one set per sample whose members are tokens: (B, n, d) each.
 
-    def _layer_sets(self, student: Features, teacher: Features) -> tuple[Tensor, Tensor, Tensor]:
-        """One set per (sample, token) whose members are the token's aligned layers: (B n, L', d)."""
-        s = torch.stack([student.hidden_states[i] for i, _ in self.layer_map], dim=2)
-        t = torch.stack([teacher.hidden_states[j] for _, j in self.layer_map], dim=2)
-        b, n, layers, _ = s.shape
-        valid = student.mask.reshape(b * n, 1).expand(b * n, layers)
-        return s.flatten(0, 1), t.flatten(0, 1), valid
+        Layers are yielded one at a time rather than concatenated, so no copy of every aligned
+        layer's hidden states is made.
+        """
+        for i, j in self.layer_map:
+            yield student.hidden_states[i], teacher.hidden_states[j], student.mask
+
+    def _layer_sets(self, student: Features, teacher: Features, samples_per_chunk: int = 4):
+        """One set per (sample, token) whose members are the token's aligned layers: (b n, L', d),
+        stacked a few samples at a time so the stacked copy stays small."""
+        batch = student.attention_mask.shape[0]
+        for start in range(0, batch, samples_per_chunk):
+            rows = slice(start, start + samples_per_chunk)
+            s = torch.stack([student.hidden_states[i][rows] for i, _ in self.layer_map], dim=2)
+            t = torch.stack([teacher.hidden_states[j][rows] for _, j in self.layer_map], dim=2)
+            b, n, layers, _ = s.shape
+            valid = student.mask[rows].reshape(b * n, 1).expand(b * n, layers)
+            yield s.flatten(0, 1), t.flatten(0, 1), valid
 
 
 class _PairTerm(_CKDTerm):
     Options = PairOptions
 
-    def _pair_loss(self, s: Tensor, t: Tensor, valid: Tensor) -> Tensor:
+    def _pair_loss(self, sets) -> Tensor:
         o = self.options
-        if o.mode == "cos_kl":
-            total = R.cosine_kl_sum(s, t, valid)
-        else:
-            total = R.distance_relation_sum(s, t, valid, o.squared, o.normalize, o.distance_loss)
-        return (total / R.pair_count(valid).clamp_min(1.0)).to(torch.float32)
+        total, count = 0.0, 0.0
+        for s, t, valid in sets:
+            dtype = s.dtype
+            if o.mode == "cos_kl":
+                total = total + R.cosine_kl_sum(s, t, valid)
+            else:
+                total = total + R.distance_relation_sum(s, t, valid, o.squared, o.normalize, o.distance_loss)
+            count = count + R.pair_count(valid)
+        return _result(total / count.clamp_min(1.0), dtype)
 
 
 class _AngleTerm(_CKDTerm):
-    def _angle_loss(self, s: Tensor, t: Tensor, valid: Tensor, window: int | None) -> Tensor:
-        sse, count = R.angle_relation_sse(s, t, valid, window=window)
-        return (sse / count.clamp_min(1.0)).to(torch.float32)
+    def _angle_loss(self, sets, window: int | None) -> Tensor:
+        total, count = 0.0, 0.0
+        for s, t, valid in sets:
+            dtype = s.dtype
+            sse, n_triples = R.angle_relation_sse(s, t, valid, window=window)
+            total, count = total + sse, count + n_triples
+        return _result(total / count.clamp_min(1.0), dtype)
 
 
 @register
@@ -101,7 +120,7 @@ class WordRelationPair(_PairTerm):
     kind = "wr_pair"
 
     def forward(self, student: Features, teacher: Features, targets: Targets) -> Tensor:
-        return self._pair_loss(*self._word_sets(student, teacher))
+        return self._pair_loss(self._word_sets(student, teacher))
 
 
 @register
@@ -113,7 +132,7 @@ class WordRelationAngle(_AngleTerm):
     Options = WindowAngleOptions
 
     def forward(self, student: Features, teacher: Features, targets: Targets) -> Tensor:
-        return self._angle_loss(*self._word_sets(student, teacher), window=self.options.window)
+        return self._angle_loss(self._word_sets(student, teacher), window=self.options.window)
 
 
 @register
@@ -123,7 +142,7 @@ class LayerRelationPair(_PairTerm):
     kind = "ltr_pair"
 
     def forward(self, student: Features, teacher: Features, targets: Targets) -> Tensor:
-        return self._pair_loss(*self._layer_sets(student, teacher))
+        return self._pair_loss(self._layer_sets(student, teacher))
 
 
 @register
@@ -134,4 +153,4 @@ class LayerRelationAngle(_AngleTerm):
     Options = AngleOptions
 
     def forward(self, student: Features, teacher: Features, targets: Targets) -> Tensor:
-        return self._angle_loss(*self._layer_sets(student, teacher), window=None)
+        return self._angle_loss(self._layer_sets(student, teacher), window=None)

@@ -74,7 +74,7 @@ class CoDIR(Term):
     def __init__(self, options, student, teacher, task) -> None:
         super().__init__(options, student, teacher, task)
         if task.num_examples is None or task.num_examples < 2:
-            raise ValueError("codir: needs the training-set size (num_examples >= 2) for its memory bank")
+            raise ValueError("the codir term needs the training-set size (num_examples >= 2) for its memory bank")
         self.student_layers = _layer_list(options.student_layers, student.num_layers, "student_layers")
         self.teacher_layers = _layer_list(options.teacher_layers, teacher.num_layers, "teacher_layers")
         self.student_head = nn.Linear(student.hidden_size * len(self.student_layers), options.dim)
