@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..alignment import LayerMap, LayerSpec, resolve_layers
-from ..features import Features, Needs, ModelShape, TaskShape
+from ..features import Features, FeatureNeeds, Needs, ModelShape, TaskShape
 
 _REGISTRY: dict[str, type["Term"]] = {}
 
@@ -88,6 +88,14 @@ def require(condition: bool, key: str, message: str) -> None:
 def relation_float(t: Tensor) -> Tensor:
     """Relations run in float32 or better even when the model runs in bf16/fp16."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def hidden_state_needs(layer_map) -> Needs:
+    """Needs of a term that reads the hidden states of the mapped layers on both sides."""
+    return Needs(
+        student=FeatureNeeds(hidden_states=frozenset(s for s, _ in layer_map)),
+        teacher=FeatureNeeds(hidden_states=frozenset(t for _, t in layer_map)),
+    )
 
 
 def cls_vectors(features: Features, layers: Any) -> Tensor:

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from .. import relations as R
 from ..features import Features, FeatureNeeds, Needs
-from .base import Options, Targets, Term, register, relation_float, require
-from .mlkd import projected_mse
+from .base import Options, Targets, Term, hidden_state_needs, register, relation_float, require
+from .mlkd import LayeredOptions, ProjectedHiddenMSE, projected_mse
 
 
 @dataclass
@@ -67,31 +67,11 @@ class TinyBERTAttention(Term):
         return total / len(self.layer_map)
 
 
-@dataclass
-class TinyHiddenOptions(Options):
-    layers: Union[str, list] = "uniform"
-
-
 @register
-class TinyBERTHidden(Term):
-    """MSE(W h_S, h_T) for mapped transformer layers over valid tokens, W a learned projection."""
+class TinyBERTHidden(ProjectedHiddenMSE):
+    """TinyBERT's hidden-state term: MSE(W h_S, h_T) for mapped layers over valid tokens."""
 
     kind = "tinybert_hidden"
-    Options = TinyHiddenOptions
-
-    def __init__(self, options, student, teacher, task) -> None:
-        super().__init__(options, student, teacher, task)
-        self.layer_map = self.resolve(options.layers)
-        self.projection = nn.Linear(student.hidden_size, teacher.hidden_size)
-
-    def needs(self) -> Needs:
-        return Needs(
-            student=FeatureNeeds(hidden_states=frozenset(s for s, _ in self.layer_map)),
-            teacher=FeatureNeeds(hidden_states=frozenset(t for _, t in self.layer_map)),
-        )
-
-    def forward(self, student: Features, teacher: Features, targets: Targets) -> Tensor:
-        return projected_mse(self.projection, student, teacher, self.layer_map)
 
 
 @register
@@ -111,18 +91,13 @@ class TinyBERTEmbedding(Term):
         return projected_mse(self.projection, student, teacher, ((0, 0),))
 
 
-@dataclass
-class PKDOptions(Options):
-    layers: Union[str, list] = "uniform"
-
-
 @register
 class PKD(Term):
     """Patient KD: sum over mapped layers of the batch mean of ||c_S/|c_S| - c_T/|c_T|||^2 on the
     first-token vectors. Needs equal widths (no projection in PKD)."""
 
     kind = "pkd"
-    Options = PKDOptions
+    Options = LayeredOptions
 
     def __init__(self, options, student, teacher, task) -> None:
         super().__init__(options, student, teacher, task)
@@ -131,10 +106,7 @@ class PKD(Term):
         self.layer_map = self.resolve(options.layers)
 
     def needs(self) -> Needs:
-        return Needs(
-            student=FeatureNeeds(hidden_states=frozenset(s for s, _ in self.layer_map)),
-            teacher=FeatureNeeds(hidden_states=frozenset(t for _, t in self.layer_map)),
-        )
+        return hidden_state_needs(self.layer_map)
 
     def forward(self, student: Features, teacher: Features, targets: Targets) -> Tensor:
         total = 0.0

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import relations as R
-from ..features import Features, FeatureNeeds, Needs
-from .base import Options, Targets, Term, register
+from ..features import Features, Needs
+from .base import Options, Targets, Term, hidden_state_needs, register
 
 
 @dataclass
@@ -56,10 +56,7 @@ class _CKDTerm(Term):
         self.layer_map = self.resolve(options.layers)
 
     def needs(self) -> Needs:
-        return Needs(
-            student=FeatureNeeds(hidden_states=frozenset(s for s, _ in self.layer_map)),
-            teacher=FeatureNeeds(hidden_states=frozenset(t for _, t in self.layer_map)),
-        )
+        return hidden_state_needs(self.layer_map)
 
     def _word_sets(self, student: Features, teacher: Features):
         """Per aligned layer, one set per sample whose members are tokens: (B, n, d) each.

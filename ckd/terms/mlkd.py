@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import relations as R
 from ..features import Features, FeatureNeeds, Needs
-from .base import Options, Targets, Term, masked_token_mean, register, relation_float, require
+from .base import Options, Targets, Term, hidden_state_needs, masked_token_mean, register, relation_float, require
 
 
 @register
@@ -86,12 +86,10 @@ class AttentionOutputRelation(Term):
         return (total / len(self.layer_map)).float()
 
 
-@register
-class FFNHiddenMSE(Term):
+class ProjectedHiddenMSE(Term):
     """MSE between W h_S (a learned projection of the student's layer output) and h_T over valid
-    tokens, averaged over aligned layers."""
+    tokens, averaged over aligned layers. Shared by MLKD's FFN term and TinyBERT's hidden term."""
 
-    kind = "mlkd_ffn"
     Options = LayeredOptions
 
     def __init__(self, options, student, teacher, task) -> None:
@@ -100,13 +98,17 @@ class FFNHiddenMSE(Term):
         self.projection = nn.Linear(student.hidden_size, teacher.hidden_size)
 
     def needs(self) -> Needs:
-        return Needs(
-            student=FeatureNeeds(hidden_states=frozenset(s for s, _ in self.layer_map)),
-            teacher=FeatureNeeds(hidden_states=frozenset(t for _, t in self.layer_map)),
-        )
+        return hidden_state_needs(self.layer_map)
 
     def forward(self, student: Features, teacher: Features, targets: Targets) -> Tensor:
         return projected_mse(self.projection, student, teacher, self.layer_map)
+
+
+@register
+class FFNHiddenMSE(ProjectedHiddenMSE):
+    """MLKD-BERT's FFN hidden-state term (see ProjectedHiddenMSE)."""
+
+    kind = "mlkd_ffn"
 
 
 def projected_mse(projection: nn.Module, student: Features, teacher: Features, layer_map) -> Tensor:
