@@ -427,8 +427,11 @@ def make_dataloader(
     regression = None if label is None else str(getattr(label, "dtype", "")).startswith("float")
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     collate = PaddingCollator.for_tokenizer(tokenizer, pad_to_multiple_of=pad_to_multiple_of, is_regression=regression)
+    # Its own generator: creating an iterator draws a base seed, which would otherwise come from the global
+    # RNG and shift the dropout stream (a resumed job must replay exactly the draws of an uninterrupted one).
     return DataLoader(
-        dataset, batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last, num_workers=num_workers
+        dataset, batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

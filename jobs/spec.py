@@ -44,6 +44,8 @@ __all__ = [
     "ArchitectureStudent", "DatasetSource", "DeepSpeedSpec", "FinetuneSpec", "FromTeacherStudent", "JobSpec",
     "MlflowSpec", "OutputSpec", "SpecError", "SpecIssue", "StudentSpec", "TaskSpec", "TeacherSpec",
     "TrainingSpec", "apply_overrides", "load_job_spec",
+    # Shared with other strict spec files (orchestrator.grid): the same YAML reader, line lookup and errors.
+    "Problems", "StrictModel", "line_of", "read_yaml_mapping", "validation_issues",
 ]  # fmt: skip
 
 DEFAULT_EXPERIMENT = "ckd-jobs"
@@ -95,6 +97,11 @@ class _Problems(ValueError):
 def _raise_if(problems: list[tuple[str, str]]) -> None:
     if problems:
         raise _Problems(problems)
+
+
+# Public names for spec files built on this machinery (orchestrator.grid): raise `Problems([(relative key,
+# message), ...])` in a validator to report at sub-keys; convert with `validation_issues`.
+Problems = _Problems
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -189,6 +196,9 @@ def _files_fingerprint(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=False, arbitrary_types_allowed=False)
+
+
+StrictModel = _Strict  # unknown keys are errors
 
 
 class DatasetSource(_Strict):
@@ -862,6 +872,9 @@ def _line_of(lines: Mapping[str, int], key: str) -> int | None:
     return None
 
 
+line_of = _line_of
+
+
 def _parse_yaml(text: str, file: str) -> tuple[Any, dict[str, int]]:
     loader = _Loader(text)
     try:
@@ -927,6 +940,33 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str], file: str
 # --------------------------------------------------------------------------------------------- loading
 
 
+def read_yaml_mapping(path: str | Path, what: str = "spec") -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a YAML file whose top level is a mapping (an empty file reads as {}).
+
+    Returns:
+        (data, {dotted key: 1-based line}); list items are keyed `key[i]`.
+
+    Raises:
+        SpecError: the file is missing or unreadable, bad YAML (incl. duplicate keys), or not a mapping;
+            `what` names the file's role in the message ("job spec file not found").
+    """
+    path = Path(path)
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([SpecIssue(file, None, "", f"{what} file not found")]) from None
+    except OSError as err:
+        raise SpecError([SpecIssue(file, None, "", f"cannot read the {what}: {err.strerror or err}")]) from None
+    data, lines = _parse_yaml(text, file)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise SpecError([SpecIssue(file, 1, "", f"expected a mapping of sections at the top level, "
+                                                f"got {type(data).__name__}")])
+    return dict(data), lines
+
+
 def load_job_spec(path: str | Path, overrides: Sequence[str] = (), env: Mapping[str, str] | None = None) -> JobSpec:
     """Read, override and validate a job spec YAML file.
 
@@ -942,18 +982,7 @@ def load_job_spec(path: str | Path, overrides: Sequence[str] = (), env: Mapping[
     """
     path = Path(path)
     file = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError([SpecIssue(file, None, "", "job spec file not found")]) from None
-    except OSError as err:
-        raise SpecError([SpecIssue(file, None, "", f"cannot read the job spec: {err.strerror or err}")]) from None
-    data, lines = _parse_yaml(text, file)
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise SpecError([SpecIssue(file, 1, "", f"expected a mapping of sections at the top level, "
-                                                f"got {type(data).__name__}")])
+    data, lines = read_yaml_mapping(path, "job spec")
     data, overridden = apply_overrides(data, overrides, file)
     return JobSpec.from_mapping(data, base_dir=path.resolve().parent, file=file, lines=lines,
                                 overridden=overridden, env=os.environ if env is None else env)
@@ -962,9 +991,9 @@ def load_job_spec(path: str | Path, overrides: Sequence[str] = (), env: Mapping[
 # ------------------------------------------------------------------------------- pydantic -> SpecIssue
 
 
-def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
+def _model_at(loc: Sequence[Any], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
     """The model class validating the mapping at `loc` (for listing valid keys), or None."""
-    model: Any = JobSpec
+    model: Any = JobSpec if root is None else root
     for part in loc:
         if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
             return None
@@ -998,8 +1027,24 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def validation_issues(err: ValidationError, *, file: str, lines: Mapping[str, int] | None = None,
+                      overridden: Mapping[str, str] | None = None,
+                      root: type[BaseModel] | None = None) -> list[SpecIssue]:
+    """A pydantic error of `root.model_validate(...)` as SpecIssues ("file:line: dotted.key: message"),
+    the way `JobSpec.from_mapping` reports its own.
+
+    Args:
+        err: raised by validating a model of this module's style (`StrictModel`, `Problems`).
+        file: named in every issue.
+        lines: dotted key -> 1-based line.
+        overridden: dotted key -> the override that set it, named instead of a line.
+        root: the validated model class (lists the valid keys on an unknown key); default JobSpec.
+    """
+    return _issues_from(err, None, file, lines or {}, overridden or {}, root=root)
+
+
 def _issues_from(err: ValidationError, data: Any, file: str, lines: Mapping[str, int],
-                 overridden: Mapping[str, str]) -> list[SpecIssue]:
+                 overridden: Mapping[str, str], root: type[BaseModel] | None = None) -> list[SpecIssue]:
     issues: list[SpecIssue] = []
     for e in err.errors(include_url=False):
         loc = [p for p in e["loc"] if p != "[key]"]
@@ -1008,7 +1053,7 @@ def _issues_from(err: ValidationError, data: Any, file: str, lines: Mapping[str,
         if isinstance(error, _Problems):
             entries = [(list(loc) + ([k] if k else []), m) for k, m in error.problems]
         elif kind == "extra_forbidden":
-            model = _model_at(loc[:-1])
+            model = _model_at(loc[:-1], root)
             valid = sorted(model.model_fields) if model else []
             hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
             msg = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")

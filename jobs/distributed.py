@@ -1,0 +1,118 @@
+"""Process-group set-up for one job, wherever it runs.
+
+The same training code runs in four places, which differ only in who creates the process group:
+
+- one plain process (`ckd-orchestrate run job.yaml`): we create a 1-process group ourselves;
+- N local processes (`--nproc N`): our launcher sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
+- `srun`: Slurm sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, the rendezvous is the first node;
+- a Ray Train worker: Ray has already initialised torch.distributed.
+
+DeepSpeed needs a process group in every case, so `init_distributed` always leaves one behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+import subprocess
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _slurm_env() -> dict[str, str] | None:
+    """torch.distributed variables derived from srun's, or None outside a multi-task srun step."""
+    if "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return None
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
+                               text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        hosts = []
+    job_id = int(os.environ.get("SLURM_JOB_ID", "0") or 0)
+    return {
+        "RANK": os.environ["SLURM_PROCID"],
+        "WORLD_SIZE": os.environ["SLURM_NTASKS"],
+        "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": hosts[0] if hosts else "127.0.0.1",
+        # Derived from the job id so that two jobs sharing a node rendezvous on different ports.
+        "MASTER_PORT": str(20000 + job_id % 20000),
+    }
+
+
+def _pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
+    """Join (or create) the job's process group and pick this process's device.
+
+    gloo on CPU, NCCL on GPUs. Idempotent: an existing group (Ray Train, a previous call) is reused.
+    """
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return DistEnv(rank, world, local, _pick_device(local))
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        slurm = _slurm_env() if "SLURM_PROCID" in os.environ and os.environ.get("SLURM_NTASKS", "1") != "1" else None
+        if slurm is not None:
+            os.environ.update(slurm)
+        else:
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    os.environ.setdefault("LOCAL_RANK", "0")
+    local = int(os.environ["LOCAL_RANK"])
+    device = _pick_device(local)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order (a one-element list in a one-process job)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank `src`'s value on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

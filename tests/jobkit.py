@@ -1,0 +1,44 @@
+"""Helpers for tests that write job specs and run the CLI (importable as `jobkit`: tests/ is on sys.path)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_job(glue_dir: Path, teacher: Path, out_dir: Path, **sections: dict) -> dict:
+    """A fast job mapping: RTE slices, the tiny teacher, a 2-layer student, the CKD paper objective."""
+    job = {
+        "task": {"glue": "rte", "glue_dir": str(glue_dir), "max_train_examples": 64, "max_eval_examples": 32,
+                 "max_length": 64},
+        "teacher": {"source": str(teacher)},
+        "student": {"from_teacher": {"layers": [0, 3]}},
+        "objective": {"preset": "ckd-paper"},
+        "training": {"max_steps": 8, "batch_size": 8, "eval_every_steps": 4, "log_every_steps": 2},
+        "output": {"dir": str(out_dir)},
+    }
+    for key, value in sections.items():
+        job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
+    return job
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+    """`ckd-orchestrate ARGS` in a fresh process (DeepSpeed and Ray keep process-wide state)."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ckd-orchestrate {' '.join(args)} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc
