@@ -252,11 +252,17 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None, *, env: DistEnv | N
 
     state = load_checkpoint(engine, ckpt_root, env) if resumed else None
     state = state or TrainState()
+    if env.is_main:  # one line per start, so a log shows every attempt of the job
+        with open(out / "job.log", "a") as handle:
+            handle.write(f"job started ({env.world_size} process(es)): "
+                         + (f"checkpoint at step {state.global_step}{', finished' if state.finished else ''}\n"
+                            if resumed else "fresh\n"))
     if state.finished:
         log.info("job in %s already finished; not training again", out)
         return state.summary
     reporter.start(spec, resumed=resumed)
-    progress = TrainProgress(total_steps, enabled=show_progress and env.is_main, title=spec.task.task_name)
+    progress = TrainProgress(total_steps, enabled=show_progress and env.is_main, title=spec.task.task_name,
+                             log_file=str(out / "job.log"))
     if resumed:
         progress.message(f"resumed from step {state.global_step} (epoch {state.epoch})")
 
@@ -404,10 +410,10 @@ def _maybe_kill(step: int) -> None:
 def worker_loop(config: Mapping[str, Any]) -> None:
     """Entry point for a Ray Train worker (`TorchTrainer(worker_loop, train_loop_config=...)`).
 
-    config: {"spec": JobSpec.to_dict() of the trial, "reporter": a factory (rank -> Reporter) or None}.
+    config: {"spec": JobSpec.to_dict() of the trial, "reporter": a factory (DistEnv, JobSpec) -> Reporter, or None}.
     """
     spec = JobSpec.from_mapping(config["spec"])
     env = init_distributed()
     factory = config.get("reporter")
-    reporter = factory(env) if factory is not None else Reporter()
+    reporter = factory(env, spec) if factory is not None else Reporter()
     run_job(spec, reporter, env=env, show_progress=True)

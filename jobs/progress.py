@@ -19,8 +19,10 @@ class TrainProgress:
     """
 
     def __init__(self, total_steps: int, *, enabled: bool = True, title: str = "distil",
-                 live: bool | None = None) -> None:
+                 live: bool | None = None, log_file: str | None = None) -> None:
         self.total = total_steps
+        # Lines also go to the job's own log (what `ckd-orchestrate logs SWEEP TRIAL` shows).
+        self._log = open(log_file, "a", buffering=1) if enabled and log_file else None
         self.enabled = enabled
         self.title = title
         self.live = sys.stderr.isatty() if live is None else live
@@ -39,6 +41,9 @@ class TrainProgress:
         if not self.enabled:
             return
         text = format_scalars(scalars)
+        elapsed = time.perf_counter() - self._start
+        if text and self._log is not None:
+            self._log.write(f"step {step}/{self.total} | {text} | {elapsed:.0f}s\n")
         if self._progress is not None:
             self._progress.update(self._task, completed=step, **({"info": text} if text else {}))
         elif text:
@@ -48,12 +53,17 @@ class TrainProgress:
     def message(self, text: str) -> None:
         if not self.enabled:
             return
+        if self._log is not None:
+            self._log.write(text + "\n")
         if self._progress is not None:
             self._progress.console.print(text)
         else:
             print(f"[{self.title}] {text}", flush=True)
 
     def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self._progress is not None:
             self._progress.stop()
             self._progress = None

@@ -1,0 +1,208 @@
+"""The sweep driver: `python -m orchestrator.driver <sweep_dir>`, started by every backend where Ray lives.
+
+1. joins Ray (RAY_ADDRESS when a backend started a cluster, else a local Ray in this process);
+2. opens (or continues) the sweep's MLflow parent run;
+3. fine-tunes the teacher(s) once, before any trial, into the sweep's cache;
+4. runs the Ray Tune sweep, or restores it when `tune/` already holds one (a `resume`, a requeued
+   Slurm job, a retried RayJob): finished trials stay finished, unfinished ones continue from their
+   last checkpoint;
+5. registers the best trial's student and moves the alias to it; writes the accuracy/size/latency
+   report; records the outcome in state.json and on the parent run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from orchestrator.state import SweepDir
+
+log = logging.getLogger("orchestrator.driver")
+
+TEACHER_KEYS = ("teacher.", "task.")
+
+
+def load_grid_of(sweep: SweepDir) -> Any:
+    from orchestrator.grid import GridSpec
+
+    record = sweep.sweep()
+    return GridSpec.from_mapping(record["grid"], base_dir=Path(record["grid_file"]).parent, file=record["grid_file"])
+
+
+def start_parent_run(sweep: SweepDir, grid: Any) -> str:
+    import mlflow
+
+    from jobs import tracking
+
+    mlflow.set_tracking_uri(grid.tracking_uri())
+    tracking.ensure_experiment(grid.mlflow.experiment)
+    record = sweep.sweep()
+    tags = {"ckd.sweep_id": sweep.sweep_id, "ckd.role": "sweep", "ckd.sweep_dir": str(sweep.path)}
+    if record.get("git_commit"):
+        tags["ckd.git_commit"] = record["git_commit"]
+    run_id = tracking.start_or_resume_run(grid.mlflow.experiment, sweep.sweep_id, tags, sweep.path / "parent_run_id")
+    s = grid.sweep
+    params = {"sweep.search": s.search.algorithm, "sweep.scheduler": s.scheduler.kind, "sweep.metric": grid.metric_name,
+              "sweep.mode": grid.metric_mode, "sweep.samples": str(s.samples), "sweep.trials": str(grid.total_trials()),
+              "sweep.workers_per_trial": str(s.resources.workers), "sweep.backend": grid.backend}
+    tracking.log_params_batched(None, run_id, params)
+    client = mlflow.MlflowClient()
+    client.log_artifact(run_id, str(sweep.path / "grid.yaml"))
+    client.log_artifact(run_id, str(sweep.path / "sweep.json"))
+    return run_id
+
+
+def prepare_teachers(grid: Any) -> None:
+    """Fine-tune every teacher the grid's points need, once, before trials compete for the lock."""
+    from orchestrator.grid import Sampled
+    from jobs.teacher import prepare_teacher
+
+    seen: set[str] = set()
+    for config in grid.trial_configs_for_plan():
+        relevant = {k: v for k, v in config.items() if k.startswith(TEACHER_KEYS) and not isinstance(v, Sampled)}
+        spec = grid.job_spec_for(relevant)
+        if spec.teacher.finetune is None or spec.teacher_cache_key() in seen:
+            continue
+        seen.add(spec.teacher_cache_key())
+        log.info("teacher stage: %s (fine-tune, cached by key %s)", spec.teacher.source, spec.teacher_cache_key()[:12])
+        prepare_teacher(spec)
+
+
+def build_tuner(sweep: SweepDir, grid: Any) -> Any:
+    from ray import tune
+
+    from orchestrator.grid import TRIAL_DRIVER_CPUS
+    from orchestrator.trial import run_trial
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep_dir=str(sweep.path)),
+                                    {"cpu": TRIAL_DRIVER_CPUS})
+    if tune.Tuner.can_restore(str(sweep.tune_dir)):
+        log.info("restoring the Tune experiment in %s", sweep.tune_dir)
+        return tune.Tuner.restore(str(sweep.tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+    s = grid.sweep
+    resources = ray_resources()
+    concurrent = grid.concurrent_trials(resources.get("CPU", 0), resources.get("GPU", 0))
+    if concurrent < 1:
+        raise RuntimeError(f"a trial needs {s.resources.cpus:g} CPUs and {s.resources.gpus:g} GPUs; the Ray "
+                           f"cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs")
+    return tune.Tuner(
+        trainable,
+        param_space=grid.tune_param_space(),
+        tune_config=tune.TuneConfig(metric=grid.metric_name, mode=grid.metric_mode, num_samples=s.samples,
+                                    search_alg=grid.search_algorithm(), scheduler=grid.scheduler(),
+                                    max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=sweep.tune_dir.name, storage_path=str(sweep.path),
+                                  failure_config=tune.FailureConfig(max_failures=s.max_failures)),
+    )
+
+
+def ray_resources() -> dict[str, float]:
+    import ray
+
+    return ray.cluster_resources()
+
+
+def init_ray(sweep: SweepDir, grid: Any) -> None:
+    import ray
+
+    env_vars = {"CKD_CACHE_DIR": str(sweep.cache_dir), "MLFLOW_TRACKING_URI": grid.tracking_uri(),
+                # Ray Train V2 is the default since 2.51; keep it explicit for older installs.
+                "RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    address = os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        cluster = grid.cluster
+        # The dashboard serves the State API, which Ray Train uses to release the workers of a trial that
+        # ASHA stopped; without it their CPUs stay reserved and later trials wait for workers forever.
+        ray.init(num_cpus=getattr(cluster, "num_cpus", None), num_gpus=getattr(cluster, "num_gpus", None),
+                 include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+
+
+def finish_children(parent_run_id: str, tracking_uri: str) -> int:
+    """Child runs left RUNNING were stopped by the scheduler (ASHA) or the sweep ended around them:
+    mark them KILLED and tag why, so the UI does not show them as running forever."""
+    from orchestrator.registry import child_runs
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    stopped = 0
+    for run in child_runs(parent_run_id, tracking_uri=tracking_uri):
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "ckd.stopped_early", "true")
+            client.set_terminated(run.info.run_id, "KILLED")
+            stopped += 1
+    return stopped
+
+
+def run_sweep(sweep: SweepDir) -> dict[str, Any]:
+    import mlflow
+
+    from orchestrator import registry, report
+
+    grid = load_grid_of(sweep)
+    os.environ["CKD_CACHE_DIR"] = str(sweep.cache_dir)
+    os.environ["MLFLOW_TRACKING_URI"] = grid.tracking_uri()
+    sweep.update_state(status="running", driver_pid=os.getpid())
+    parent = start_parent_run(sweep, grid)
+    sweep.update_state(parent_run_id=parent, tracking_uri=grid.tracking_uri(),
+                       experiment=grid.mlflow.experiment)
+    try:
+        prepare_teachers(grid)
+        init_ray(sweep, grid)
+        results = build_tuner(sweep, grid).fit()
+        errors = [r for r in results if r.error is not None]
+        stopped = finish_children(parent, grid.tracking_uri())
+        version = registry.register_champion(parent, grid.metric_name, grid.metric_mode, grid.mlflow.registered_model,
+                                             alias=grid.mlflow.alias, tracking_uri=grid.tracking_uri())
+        champion = {"model": grid.mlflow.registered_model, "version": version.version, "alias": grid.mlflow.alias,
+                    "uri": f"models:/{grid.mlflow.registered_model}@{grid.mlflow.alias}",
+                    "run_id": version.run_id, "trial_id": (version.tags or {}).get("ckd.trial_id"),
+                    "metric": grid.metric_name, "value": float((version.tags or {}).get("ckd.metric_value", "nan"))}
+        try:
+            report.front_report(parent, grid.metric_name, sweep.path / "report.png", mode=grid.metric_mode,
+                                tracking_uri=grid.tracking_uri())
+        except Exception as err:  # a report problem must not fail a finished sweep
+            log.warning("could not write the report: %s", err)
+        mlflow.MlflowClient(grid.tracking_uri()).set_terminated(parent, "FINISHED")
+        state = sweep.update_state(status="finished", champion=champion, trials=len(results),
+                                   failed_trials=len(errors), stopped_early=stopped)
+        log.info("sweep %s finished: champion %s (%s %s = %.4f)", sweep.sweep_id, champion["uri"],
+                 champion["trial_id"], grid.metric_name, champion["value"])
+        return state
+    except BaseException as err:
+        status = "cancelled" if isinstance(err, KeyboardInterrupt) else "failed"
+        mlflow.MlflowClient(grid.tracking_uri()).set_terminated(parent, "KILLED" if status == "cancelled" else "FAILED")
+        sweep.update_state(status=status, error=f"{type(err).__name__}: {err}"[:2000])
+        raise
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m orchestrator.driver <sweep_dir>", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sweep = SweepDir(argv[0])
+    # `cancel` sends SIGTERM: unwind like Ctrl-C so Tune stops its trials and the state says cancelled.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        run_sweep(sweep)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Submitting, following and stopping sweeps (the embedded `local` backend runs the driver here)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.state import SweepDir, new_sweep_id
+
+# Wide enough for the trial table when the output is a log file rather than a terminal.
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def create_sweep(grid: Any, grid_file: Path) -> SweepDir:
+    from jobs import tracking
+
+    sweep = SweepDir(grid.sweep_root / new_sweep_id(Path(grid_file).stem))
+    sweep.create(grid_file, grid.to_dict(), tracking.git_commit(Path(__file__).resolve().parent.parent))
+    return sweep
+
+
+def _start_detached(sweep: SweepDir) -> int:
+    sweep.log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(sweep.log_file, "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.driver", str(sweep.path)], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    sweep.update_state(backend={"backend": "local", "pid": proc.pid, "detached": True})
+    return proc.pid
+
+
+def _run_here(sweep: SweepDir) -> int:
+    from orchestrator.driver import run_sweep
+
+    handler = logging.FileHandler(sweep.log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    sweep.update_state(backend={"backend": "local", "pid": os.getpid(), "detached": False})
+    try:
+        state = run_sweep(sweep)
+    except KeyboardInterrupt:
+        console.print(f"sweep {sweep.sweep_id} cancelled; `ckd-orchestrate resume {sweep.sweep_id}` continues it")
+        return 130
+    finally:
+        logging.getLogger().removeHandler(handler)
+    print_status(sweep)
+    champion = state.get("champion") or {}
+    console.print(f"[bold green]champion[/] {champion.get('uri')} = trial {champion.get('trial_id')} "
+                  f"({champion.get('metric')} {champion.get('value', float('nan')):.4f})")
+    console.print(f"pull it: ckd-orchestrate pull {champion.get('uri')} --dest ./champion")
+    return 0
+
+
+def submit(grid: Any, grid_file: Path, *, detach: bool) -> int:
+    if grid.backend != "local":
+        return _submit_remote(grid, grid_file)
+    sweep = create_sweep(grid, grid_file)
+    console.print(f"sweep [bold]{sweep.sweep_id}[/] in {sweep.path}")
+    if detach:
+        pid = _start_detached(sweep)
+        console.print(f"running in the background (pid {pid}); follow it with `ckd-orchestrate status "
+                      f"{sweep.sweep_id}` or `ckd-orchestrate logs {sweep.sweep_id}`")
+        print(sweep.sweep_id)
+        return 0
+    return _run_here(sweep)
+
+
+def _submit_remote(grid: Any, grid_file: Path) -> int:
+    console.print(f"[red]error:[/] submitting to the {grid.backend!r} backend is not available in this version; "
+                  "`plan` shows what would be submitted", highlight=False)
+    return 2
+
+
+def resume(sweep: SweepDir, *, detach: bool) -> int:
+    state = sweep.state()
+    if state.get("status") == "running" and _alive(state):
+        console.print(f"sweep {sweep.sweep_id} is still running (pid {state['backend']['pid']})")
+        return 2
+    if state.get("status") == "finished":
+        console.print(f"sweep {sweep.sweep_id} already finished")
+        print_status(sweep)
+        return 0
+    console.print(f"resuming sweep [bold]{sweep.sweep_id}[/]")
+    if detach:
+        _start_detached(sweep)
+        return 0
+    return _run_here(sweep)
+
+
+def _alive(state: dict[str, Any]) -> bool:
+    pid = (state.get("backend") or {}).get("pid")
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def cancel(sweep: SweepDir, timeout_s: float = 120.0) -> int:
+    state = sweep.state()
+    backend = state.get("backend") or {}
+    if state.get("status") in ("finished", "failed", "cancelled"):
+        console.print(f"sweep {sweep.sweep_id} is already {state['status']}")
+        return 0
+    if _alive(state):
+        pid = backend["pid"]
+        if backend.get("detached"):
+            os.killpg(pid, signal.SIGTERM)  # the driver and the Ray processes it started
+        else:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _alive(state) and time.monotonic() < deadline:
+            time.sleep(1)
+        if _alive(state) and backend.get("detached"):
+            os.killpg(pid, signal.SIGKILL)
+    sweep.update_state(status="cancelled")
+    console.print(f"sweep {sweep.sweep_id} cancelled")
+    return 0
+
+
+def print_status(sweep: SweepDir) -> None:
+    from orchestrator.driver import load_grid_of
+    from orchestrator.report import trials_table
+
+    state = sweep.state()
+    status = state.get("status")
+    if status == "running" and not _alive(state) and (state.get("backend") or {}).get("backend") == "local":
+        status = "stopped (driver not running; `resume` continues it)"
+    console.print(f"sweep [bold]{sweep.sweep_id}[/]: {status}  ({sweep.path})")
+    if state.get("error"):
+        console.print(f"  error: {state['error']}", markup=False)
+    if not state.get("parent_run_id"):
+        return
+    grid = load_grid_of(sweep)
+    rows = trials_table(state["parent_run_id"], grid.metric_name, tracking_uri=state["tracking_uri"])
+    table = Table(title=f"trials ({grid.metric_name}, {grid.metric_mode})")
+    for column in ("trial", "label", "state", "step", grid.metric_name, "best", "params", "latency ms"):
+        table.add_column(column, justify="right" if column in ("step", "best", "params", "latency ms") else "left")
+    champion = (state.get("champion") or {}).get("run_id")
+    for row in rows:
+        progress = _trial_progress(sweep, row.get("trial_id"))
+        table.add_row(
+            str(row.get("trial_id") or ""), str(row.get("run_name") or "").split(" ", 1)[-1],
+            str(row.get("status")) + (" *champion*" if row.get("run_id") == champion else ""),
+            progress, _fmt(row.get("last_eval")), _fmt(row.get("metric")),
+            f"{row['parameters']:,.0f}" if row.get("parameters") else "", _fmt(row.get("latency_ms"), 1))
+    console.print(table)
+
+
+def _trial_progress(sweep: SweepDir, trial_id: str | None) -> str:
+    import json
+
+    if not trial_id:
+        return ""
+    metrics = sweep.trial_dir(trial_id) / "metrics.json"
+    if not metrics.is_file():
+        return ""
+    data = json.loads(metrics.read_text())
+    history = data.get("history") or []
+    return str(history[-1]["step"]) if history else ""
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def print_logs(sweep: SweepDir, trial: str | None, tail: int | None) -> int:
+    path = sweep.log_file if trial is None else sweep.trial_dir(trial) / "job.log"
+    if not path.is_file():
+        console.print(f"[red]error:[/] no log at {path}", highlight=False)
+        return 2
+    lines = path.read_text(errors="replace").splitlines()
+    sys.stdout.write("\n".join(lines[-tail:] if tail else lines) + "\n")
+    return 0
+
+
+def print_best(sweep: SweepDir) -> int:
+    state = sweep.state()
+    champion = state.get("champion")
+    if not champion:
+        console.print(f"sweep {sweep.sweep_id} has no champion yet (status: {state.get('status')})")
+        return 1
+    for key in ("uri", "version", "trial_id", "run_id", "metric", "value"):
+        console.print(f"{key:>9}: {champion.get(key)}", highlight=False)
+    return 0
