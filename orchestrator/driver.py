@@ -113,15 +113,34 @@ def init_ray(sweep: SweepDir, grid: Any) -> None:
                 # Ray Train V2 is the default since 2.51; keep it explicit for older installs.
                 "RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}
     address = os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"log_to_driver": True}
     if address:
-        ray.init(address=address, **kwargs)
-    else:
-        cluster = grid.cluster
-        # The dashboard serves the State API, which Ray Train uses to release the workers of a trial that
-        # ASHA stopped; without it their CPUs stay reserved and later trials wait for workers forever.
-        ray.init(num_cpus=getattr(cluster, "num_cpus", None), num_gpus=getattr(cluster, "num_gpus", None),
-                 include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, **kwargs)
+        return
+    from jobs.distributed import free_port
+
+    cluster = grid.cluster
+    # The dashboard serves the State API, which Ray Train uses to release the workers of a trial that ASHA
+    # stopped; without it their CPUs stay reserved and later trials wait for workers forever. Its address
+    # is given to the workers explicitly: auto-detection fails when another Ray runs on the machine.
+    port = free_port()
+    env_vars["RAY_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=getattr(cluster, "num_cpus", None), num_gpus=getattr(cluster, "num_gpus", None),
+             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env={"env_vars": env_vars}, **kwargs)
+    sweep.update_state(ray_pids=_local_ray_pids())
+
+
+def _local_ray_pids() -> list[int]:
+    """The processes of the Ray this driver started, so `cancel` (or a test) can stop exactly those."""
+    try:
+        import ray._private.worker as ray_worker
+
+        node = ray_worker._global_node
+        return sorted({info.process.pid for infos in node.all_processes.values() for info in infos
+                       if info.process is not None})
+    except Exception:  # private API: best effort only
+        return []
 
 
 def finish_children(parent_run_id: str, tracking_uri: str) -> int:

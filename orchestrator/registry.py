@@ -11,14 +11,16 @@ All functions take ``tracking_uri`` (default: MLflow's current one, i.e. ``mlflo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel, Run, RunTag, ViewType
@@ -49,6 +51,22 @@ def client_for(tracking_uri: str | None) -> MlflowClient:
     if tracking_uri is None:
         return MlflowClient()
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@contextlib.contextmanager
+def _global_uris(tracking_uri: str | None) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs set to ``tracking_uri`` for the block, then restored."""
+    if tracking_uri is None:
+        yield
+        return
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
 
 
 def _quoted(value: str) -> str:
@@ -369,9 +387,10 @@ def pull(model_uri: str, dest: str | os.PathLike, *, tracking_uri: str | None = 
     try:
         download.mkdir(parents=True)
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(download),
-                                                             tracking_uri=tracking_uri,
-                                                             registry_uri=tracking_uri))
+            with _global_uris(tracking_uri):  # models:/ URIs are resolved through the global registry URI
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(download),
+                                                                 tracking_uri=tracking_uri,
+                                                                 registry_uri=tracking_uri))
         except MlflowException as err:
             raise PullError(f"cannot download {model_uri!r}: {err.message}") from err
         out.mkdir()

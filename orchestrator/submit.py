@@ -123,9 +123,19 @@ def cancel(sweep: SweepDir, timeout_s: float = 120.0) -> int:
             time.sleep(1)
         if _alive(state) and backend.get("detached"):
             os.killpg(pid, signal.SIGKILL)
+    stop_local_ray(sweep)
     sweep.update_state(status="cancelled")
     console.print(f"sweep {sweep.sweep_id} cancelled")
     return 0
+
+
+def stop_local_ray(sweep: SweepDir, sig: int = signal.SIGTERM) -> None:
+    """Stop the Ray processes the sweep's local driver started (never any other Ray on the machine)."""
+    for pid in sweep.state().get("ray_pids") or []:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
 
 
 def print_status(sweep: SweepDir) -> None:

@@ -109,7 +109,12 @@ def test_resume_after_the_driver_is_killed_does_not_rerun_finished_trials(tmp_pa
         time.sleep(2)
     assert finished_trial is not None, (sweep / "logs" / "driver.log").read_text()[-3000:]
     time.sleep(3)  # let Tune record the finished trial in its experiment state
-    os.killpg(pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-sweep
+    os.killpg(pid, signal.SIGKILL)  # the driver, mid-sweep
+    for ray_pid in json.loads((sweep / "state.json").read_text())["ray_pids"]:  # and the Ray it started,
+        try:                                                                      # as a machine crash would
+            os.kill(ray_pid, signal.SIGKILL)
+        except OSError:
+            pass
     time.sleep(2)
     assert json.loads((sweep / "state.json").read_text())["status"] == "running"
     log_before = (finished_trial / "job.log").read_text()
