@@ -259,6 +259,9 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None, *, env: DistEnv | N
                             if resumed else "fresh\n"))
     if state.finished:
         log.info("job in %s already finished; not training again", out)
+        last = state.history[-1] if state.history else {}
+        reporter.already_finished({**{k: v for k, v in last.items() if k != "step"}, "step": state.global_step,
+                                   f"best/{primary.removeprefix('eval/')}": state.best_value})
         return state.summary
     reporter.start(spec, resumed=resumed)
     progress = TrainProgress(total_steps, enabled=show_progress and env.is_main, title=spec.task.task_name,

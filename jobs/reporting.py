@@ -27,6 +27,9 @@ class Reporter:
 
     def finish(self, summary: Mapping[str, float], student_dir: Path) -> None: ...
 
+    def already_finished(self, last_evaluation: Mapping[str, float]) -> None:
+        """The job was started again after it had finished (e.g. a restored sweep): nothing was trained."""
+
     def failed(self, error: BaseException) -> None: ...
 
 

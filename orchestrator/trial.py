@@ -47,6 +47,11 @@ class RayReporter(Reporter):
     def finish(self, summary: Mapping[str, float], student_dir: Path) -> None:
         self.mlflow.finish(summary, student_dir)
 
+    def already_finished(self, last_evaluation: Mapping[str, float]) -> None:
+        import ray.train
+
+        ray.train.report(dict(last_evaluation))  # so Tune has the trial's result; MLflow already has it
+
     def failed(self, error: BaseException) -> None:
         self.mlflow.failed(error)
 

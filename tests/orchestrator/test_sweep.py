@@ -122,7 +122,10 @@ def test_resume_after_the_driver_is_killed_does_not_rerun_finished_trials(tmp_pa
     cli("resume", sweep_id, env=env, timeout=1500)
     state = json.loads((sweep / "state.json").read_text())
     assert state["status"] == "finished"
-    assert (finished_trial / "job.log").read_text() == log_before  # not started again
+    # Not trained again: Tune may not have recorded the finish before the kill and start the trial once
+    # more, but the job sees its finished checkpoint and only reports its result.
+    new_lines = (finished_trial / "job.log").read_text()[len(log_before):].splitlines()
+    assert all(line.startswith("job started") and line.endswith("finished") for line in new_lines), new_lines
     assert sorted(p.name for p in (sweep / "trials").iterdir()) == sorted(
         p.parent.name for p in (sweep / "trials").glob("*/metrics.json"))
     assert len(list((sweep / "trials").iterdir())) == 2
