@@ -176,6 +176,12 @@ def run_sweep(sweep: SweepDir) -> dict[str, Any]:
         prepare_teachers(grid)
         init_ray(sweep, grid)
         results = build_tuner(sweep, grid).fit()
+        stop_file = os.environ.get("CKD_STOP_FILE")
+        if stop_file and Path(stop_file).exists():
+            # Slurm's walltime warning: Tune has saved its state; the requeued job restores it.
+            log.info("stopped for a requeue; the sweep continues in the requeued job")
+            sweep.update_state(status="pending")
+            return sweep.state()
         errors = [r for r in results if r.error is not None]
         stopped = finish_children(parent, grid.tracking_uri())
         version = registry.register_champion(parent, grid.metric_name, grid.metric_mode, grid.mlflow.registered_model,

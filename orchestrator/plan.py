@@ -166,6 +166,12 @@ def print_plan(grid: Any, problems: list[str], console: Console | None = None) -
         console.print("RayJob manifest:")
         console.print(to_yaml(render_rayjob(grid.cluster, sweep_id="<sweep-id>", sweep_dir=f"{root}/<sweep-id>")),
                       markup=False, highlight=False)
+    if grid.backend == "slurm":
+        from cluster.slurm.backend import SlurmBackend
+
+        sweep_dir = grid.sweep_root / "<sweep-id>"
+        console.print("sbatch script:")
+        console.print(SlurmBackend().sbatch_script(sweep_dir, grid.cluster), markup=False, highlight=False)
     if problems:
         console.print("[bold red]problems:[/]")
         for problem in problems:

@@ -74,6 +74,14 @@ def submit(grid: Any, grid_file: Path, *, detach: bool) -> int:
 
 
 def _submit_remote(grid: Any, grid_file: Path) -> int:
+    if grid.backend == "slurm":
+        from cluster.slurm.backend import SlurmBackend
+
+        sweep = create_sweep(grid, grid_file)
+        job_id = SlurmBackend().submit(sweep.path, grid.cluster)
+        console.print(f"sweep [bold]{sweep.sweep_id}[/] in {sweep.path}; Slurm job [bold]{job_id}[/]")
+        print(sweep.sweep_id)
+        return 0
     console.print(f"[red]error:[/] submitting to the {grid.backend!r} backend is not available in this version; "
                   "`plan` shows what would be submitted", highlight=False)
     return 2
