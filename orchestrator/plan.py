@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,12 @@ def estimate(job: Any) -> dict[str, float | None]:
     return {"steps": steps, "train_rows": rows, "teacher_params": teacher, "student_params": student, "flops": flops}
 
 
+def _verbatim(text: str) -> None:
+    """Scripts and manifests are printed as they are, never wrapped to the terminal width (copy-paste)."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
 def print_plan(grid: Any, problems: list[str], console: Console | None = None) -> None:
     from orchestrator.grid import trial_label
 
@@ -164,14 +171,13 @@ def print_plan(grid: Any, problems: list[str], console: Console | None = None) -
 
         root = grid.cluster.storage.mount_path if grid.cluster.storage.pvc else "/sweeps"
         console.print("RayJob manifest:")
-        console.print(to_yaml(render_rayjob(grid.cluster, sweep_id="<sweep-id>", sweep_dir=f"{root}/<sweep-id>")),
-                      markup=False, highlight=False)
+        _verbatim(to_yaml(render_rayjob(grid.cluster, sweep_id="<sweep-id>", sweep_dir=f"{root}/<sweep-id>")))
     if grid.backend == "slurm":
         from cluster.slurm.backend import SlurmBackend
 
         sweep_dir = grid.sweep_root / "<sweep-id>"
         console.print("sbatch script:")
-        console.print(SlurmBackend().sbatch_script(sweep_dir, grid.cluster), markup=False, highlight=False)
+        _verbatim(SlurmBackend().sbatch_script(sweep_dir, grid.cluster))
     if problems:
         console.print("[bold red]problems:[/]")
         for problem in problems:
