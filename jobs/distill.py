@@ -371,8 +371,8 @@ def _summary(spec: JobSpec, state: TrainState, student_dir: Path, teacher_source
         exported = AutoModelForSequenceClassification.from_pretrained(student_dir)
         latency = measure_latency(exported, load_tokenizer(str(student_dir)))
         summary["student/parameters"] = float(count_parameters(exported))
-        summary["student/latency_ms"] = latency["median_ms"]
-        summary["student/latency_p90_ms"] = latency["p90_ms"]
+        summary["student/latency_ms"] = round(latency["median_ms"], 2)
+        summary["student/latency_p90_ms"] = round(latency["p90_ms"], 2)
         summary.update({f"teacher/{k}": v for k, v in teacher_metrics(teacher_source).items()
                         if k.startswith("eval/")})
     from jobs.distributed import broadcast_object

@@ -144,8 +144,8 @@ def _local_ray_pids() -> list[int]:
 
 
 def finish_children(parent_run_id: str, tracking_uri: str) -> int:
-    """Child runs left RUNNING were stopped by the scheduler (ASHA) or the sweep ended around them:
-    mark them KILLED and tag why, so the UI does not show them as running forever."""
+    """Child runs left RUNNING were stopped early by the scheduler (ASHA): end them as FINISHED with the tag
+    `ckd.stopped_early=true` (being outperformed is not a failure, and the UI shows KILLED as an error)."""
     from orchestrator.registry import child_runs
 
     import mlflow
@@ -155,9 +155,26 @@ def finish_children(parent_run_id: str, tracking_uri: str) -> int:
     for run in child_runs(parent_run_id, tracking_uri=tracking_uri):
         if run.info.status == "RUNNING":
             client.set_tag(run.info.run_id, "ckd.stopped_early", "true")
-            client.set_terminated(run.info.run_id, "KILLED")
+            client.set_terminated(run.info.run_id, "FINISHED")
             stopped += 1
     return stopped
+
+
+def describe_parent(parent_run_id: str, champion: dict[str, Any], version: Any, tracking_uri: str) -> None:
+    """The parent run is the first row a user sees: give it the champion's numbers and a description."""
+    import mlflow
+
+    from jobs import tracking
+
+    client = mlflow.MlflowClient(tracking_uri)
+    best = client.get_run(champion["run_id"]).data
+    numbers = {k: v for k, v in best.metrics.items() if k.startswith(("best/", "student/"))}
+    tracking.log_metrics_at(parent_run_id, numbers, 0)
+    label = best.tags.get("ckd.trial_label", champion["trial_id"])
+    text = (f"Champion: {label} — {champion['metric']} {champion['value']:.4f}, registered as "
+            f"{champion['uri']} (version {champion['version']}).")
+    client.set_tag(parent_run_id, "mlflow.note.content", text)
+    client.update_model_version(champion["model"], champion["version"], description=text)
 
 
 def run_sweep(sweep: SweepDir) -> dict[str, Any]:
@@ -190,6 +207,7 @@ def run_sweep(sweep: SweepDir) -> dict[str, Any]:
                     "uri": f"models:/{grid.mlflow.registered_model}@{grid.mlflow.alias}",
                     "run_id": version.run_id, "trial_id": (version.tags or {}).get("ckd.trial_id"),
                     "metric": grid.metric_name, "value": float((version.tags or {}).get("ckd.metric_value", "nan"))}
+        describe_parent(parent, champion, version, grid.tracking_uri())
         try:
             report.front_report(parent, grid.metric_name, sweep.path / "report.png", mode=grid.metric_mode,
                                 tracking_uri=grid.tracking_uri())

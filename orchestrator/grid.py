@@ -1152,6 +1152,11 @@ def _label_name(key: str, depth: int) -> str:
     return ".".join(parts[-depth:-1] + [_LABEL_NAMES.get(parts[-1], parts[-1])])
 
 
+def trial_value_label(key: str, value: Any, limit: int = 64) -> str:
+    """One swept value as a short readable text (the MLflow column of a sweep axis), e.g. "L[0,5]"."""
+    return _label_value(key, value, limit)
+
+
 def _label_value(key: str, value: Any, limit: int) -> str:
     last = key.rsplit(".", 1)[-1]
     text: str

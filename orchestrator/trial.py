@@ -93,7 +93,7 @@ def run_trial(trial_config: dict[str, Any], *, sweep_dir: str) -> None:
 
     from jobs.distill import worker_loop
     from jobs.spec import JobSpec
-    from orchestrator.grid import GridSpec, trial_label
+    from orchestrator.grid import GridSpec, trial_label, trial_value_label
     from orchestrator.state import SweepDir
 
     context = ray.tune.get_context()
@@ -106,13 +106,16 @@ def run_trial(trial_config: dict[str, Any], *, sweep_dir: str) -> None:
     parent_run_id = sweep.state().get("parent_run_id")
     label = trial_label(trial_config)
     tags = {"ckd.sweep_id": sweep.sweep_id, "ckd.trial_id": trial_id, "ckd.role": "trial",
-            "ckd.trial_label": label}
+            "ckd.trial_label": label, "mlflow.source.name": "ckd-orchestrate trial",
+            "ckd.trial_config": json.dumps(trial_config, sort_keys=True, default=str)[:5000]}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    params = {f"trial.{key}": json.dumps(value) if not isinstance(value, str) else value
-              for key, value in trial_config.items()}
+    # The sweep axes as short readable columns (the full values are in the tag above and in the params).
+    params = {f"trial.{key}": trial_value_label(key, value) for key, value in trial_config.items()}
+    # Label first: the UI cuts long names, and the Tune id is in the ckd.trial_id tag anyway.
+    run_name = f"{label} (#{trial_id.rsplit('_', 1)[-1]})"[:250]
     factory = TrialReporterFactory(tracking_uri=grid.tracking_uri(), experiment=grid.mlflow.experiment,
-                                   run_name=f"{trial_id} {label}"[:250], tags=tags, extra_params=params)
+                                   run_name=run_name, tags=tags, extra_params=params)
     resources = grid.sweep.resources
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker}

@@ -63,8 +63,11 @@ def test_sweep_with_asha_registers_and_pulls_the_champion(tmp_path, glue_dir, ti
         history = client.get_metric_history(child.info.run_id, "eval/accuracy")
         assert history and all(h.step > 0 for h in history)
 
-    # The alias sits on the best finished trial by its best dev accuracy.
-    finished = [c for c in children if "best/accuracy" in c.data.metrics and c.info.status == "FINISHED"]
+    # The alias sits on the best trial that ran to the end (a logged student) by its best dev accuracy;
+    # trials ASHA stopped early end FINISHED too, tagged as such, without a student.
+    assert {c.info.status for c in children} == {"FINISHED"}
+    finished = [c for c in children if "student/parameters" in c.data.metrics]
+    assert {c.data.tags.get("ckd.stopped_early") for c in children if c not in finished} <= {"true"}
     top = max(c.data.metrics["best/accuracy"] for c in finished)
     version = client.get_model_version_by_alias("tiny-student", "champion")
     assert client.get_run(version.run_id).data.metrics["best/accuracy"] == top
