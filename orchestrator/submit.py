@@ -132,7 +132,7 @@ def cancel(sweep: SweepDir, timeout_s: float = 120.0) -> int:
         if _alive(state) and backend.get("detached"):
             os.killpg(pid, signal.SIGKILL)
     stop_local_ray(sweep)
-    sweep.update_state(status="cancelled")
+    sweep.update_state(status="cancelled", error=None)  # the driver's own exit error is not news here
     console.print(f"sweep {sweep.sweep_id} cancelled")
     return 0
 
