@@ -139,11 +139,30 @@ def cancel(sweep: SweepDir, timeout_s: float = 120.0) -> int:
 
 def stop_local_ray(sweep: SweepDir, sig: int = signal.SIGTERM) -> None:
     """Stop the Ray processes the sweep's local driver started (never any other Ray on the machine)."""
-    for pid in sweep.state().get("ray_pids") or []:
+    pids = sweep.state().get("ray_pids") or []
+    for pid in pids:
         try:
             os.kill(pid, sig)
         except OSError:
             pass
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_pid_alive(pid) for pid in pids):
+        time.sleep(0.5)
+    for pid in pids:
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) is gone for our purpose
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def print_status(sweep: SweepDir) -> None:

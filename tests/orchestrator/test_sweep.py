@@ -146,3 +146,20 @@ def test_plan_rejects_a_bad_grid_with_the_exact_key(tmp_path, glue_dir, tiny_tea
     proc = cli("plan", str(grid), check=False, timeout=120)
     assert proc.returncode == 2
     assert "sweep.resources.gpus_per_wrker" in proc.stderr and str(grid) in proc.stderr
+
+
+def test_cancel_stops_a_detached_sweep(tmp_path, glue_dir, tiny_teacher):
+    env = {"CKD_CACHE_DIR": str(tmp_path / "cache")}
+    grid = tiny_grid(glue_dir, tiny_teacher, tmp_path, [1e-4, 3e-4])
+    sweep_id = cli("submit", str(grid), "--detach", env=env).stdout.strip().splitlines()[-1]
+    sweep = tmp_path / "sweeps" / sweep_id
+    deadline = time.monotonic() + 600
+    while not list((sweep / "trials").glob("*/job.log")) and time.monotonic() < deadline:
+        time.sleep(2)  # a trial is training
+    cli("cancel", sweep_id, env=env)
+    state = json.loads((sweep / "state.json").read_text())
+    assert state["status"] == "cancelled" and not state.get("error")
+    from orchestrator.submit import _pid_alive
+
+    assert not any(_pid_alive(pid) for pid in [state["backend"]["pid"], *state["ray_pids"]])  # driver and its Ray
+    assert "cancelled" in cli("status", sweep_id, env=env).stdout
