@@ -16,7 +16,6 @@ never interrupted. A job that already finished returns its summary without train
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -52,6 +51,7 @@ from jobs.models import (
 from jobs.progress import TrainProgress
 from jobs.reporting import Reporter
 from jobs.spec import JobSpec
+from jobs.storage import write_json_atomic
 from jobs.teacher import prepare_teacher, teacher_metrics
 
 log = logging.getLogger(__name__)
@@ -133,12 +133,6 @@ def build_optimizer(module: DistillModule, spec: JobSpec, total_steps: int) -> t
 # ----------------------------------------------------------------------------------------- checkpoints
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    os.replace(tmp, path)
-
-
 def _latest_tag(ckpt_root: Path) -> str | None:
     latest = ckpt_root / "latest"
     if not latest.is_file():
@@ -206,7 +200,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None, *, env: DistEnv | N
     ckpt_root = out / CHECKPOINT_DIR
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "job.json", spec.to_dict())
+        write_json_atomic(out / "job.json", spec.to_dict(), default=float)
     t = spec.training
     task = spec.task.task_info()
     mode = metric_mode(task)
@@ -269,6 +263,14 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None, *, env: DistEnv | N
     if resumed:
         progress.message(f"resumed from step {state.global_step} (epoch {state.epoch})")
 
+    def write_metrics() -> None:
+        """metrics.json: every evaluation, the best one, and once the job ends its summary."""
+        if env.is_main:
+            record = {"primary_metric": primary, "best": state.best_metrics, "best_step": state.best_step,
+                      "history": state.history}
+            write_json_atomic(out / METRICS_FILE, {**record, **({"summary": state.summary} if state.finished else {})},
+                              default=float)
+
     def evaluate_and_checkpoint() -> None:
         metrics = evaluate(engine.module.student, data, task, tokenizer, batch_size=t.eval_batch_size,
                            device=env.device, rank=env.rank, world_size=env.world_size)
@@ -279,9 +281,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None, *, env: DistEnv | N
             export_best(engine, engine.module.student, tokenizer, out / STUDENT_DIR, task.label_names, env,
                         spec.deepspeed.zero_stage)
         state.history.append({"step": state.global_step, **metrics})
-        if env.is_main:
-            _write_json(out / METRICS_FILE, {"primary_metric": primary, "best": state.best_metrics,
-                                             "best_step": state.best_step, "history": state.history})
+        write_metrics()
         progress.message(f"eval step {state.global_step}: " + " ".join(
             f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items() if k.startswith("eval/"))
             + (" (best)" if improved else ""))
@@ -337,10 +337,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None, *, env: DistEnv | N
 
         summary = _summary(spec, state, out / STUDENT_DIR, teacher_source, env, total_steps)
         state.finished, state.summary = True, summary
-        if env.is_main:
-            _write_json(out / METRICS_FILE, {"primary_metric": primary, "best": state.best_metrics,
-                                             "best_step": state.best_step, "history": state.history,
-                                             "summary": summary})
+        write_metrics()
         save_checkpoint(engine, ckpt_root, state, env)
         reporter.finish(summary, out / STUDENT_DIR)
         return summary

@@ -39,6 +39,7 @@ from pydantic import field_validator, model_validator
 
 import ckd
 from jobs.glue import GLUE_LAYOUTS, GLUE_TASKS, PRIMARY_METRIC, TaskInfo, glue_task_key
+from jobs.storage import tracking_uri_or_default
 
 __all__ = [
     "ArchitectureStudent", "DatasetSource", "DeepSpeedSpec", "FinetuneSpec", "FromTeacherStudent", "JobSpec",
@@ -565,11 +566,7 @@ class OutputSpec(_Strict):
 
     def tracking_uri(self, env: Mapping[str, str] | None = None) -> str:
         """The explicit URI, else `env["MLFLOW_TRACKING_URI"]`, else SQLite beside the outputs."""
-        if self.mlflow.tracking_uri:
-            return self.mlflow.tracking_uri
-        if env and env.get("MLFLOW_TRACKING_URI"):
-            return env["MLFLOW_TRACKING_URI"]
-        return f"sqlite:///{self.dir / 'mlflow.db'}"
+        return tracking_uri_or_default(self.mlflow.tracking_uri, env, self.dir / "mlflow.db")
 
 
 class JobSpec(_Strict):
@@ -998,21 +995,23 @@ def _model_at(loc: Sequence[Any], root: type[BaseModel] | None = None) -> type[B
         if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
             return None
         annotation = model.model_fields[part].annotation
-        model = _unwrap_model(annotation)
+        model = unwrap_model(annotation)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _unwrap_model(annotation: Any) -> Any:
+def unwrap_model(annotation: Any) -> Any:
+    """The pydantic model class inside an annotation (`X | None`, `list[X]`, ...), or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _unwrap_model(arg)
+        found = unwrap_model(arg)
         if found is not None:
             return found
     return None
 
 
-def _dotted(loc: Sequence[Any]) -> str:
+def dotted_key(loc: Sequence[Any]) -> str:
+    """A pydantic error location as a key: `a.b[0].c`."""
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -1066,7 +1065,7 @@ def _issues_from(err: ValidationError, data: Any, file: str, lines: Mapping[str,
                 msg += f"; got {_short(e.get('input'))}"
             entries = [(loc, msg)]
         for entry_loc, msg in entries:
-            key = _dotted(entry_loc)
+            key = dotted_key(entry_loc)
             if key in overridden or any(key.startswith(k + ".") for k in overridden):
                 origin = overridden.get(key) or next(v for k, v in overridden.items() if key.startswith(k + "."))
                 issues.append(SpecIssue(file, None, key, f"{msg} (set by override {origin!r})"))

@@ -22,7 +22,6 @@ import os
 import re
 import subprocess
 import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
+
+from jobs.storage import tracking_uri_or_default, write_text_atomic
 
 __all__ = [
     "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH", "ParamConflictError", "STUDENT_MODEL_NAME",
@@ -74,10 +75,8 @@ def resolve_tracking_uri(explicit: str | None, default_sqlite_path: str | os.Pat
     file. For SQLite URIs the database's parent directory is created, so the first call of a fresh
     machine works.
     """
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or None
-    if uri is None:
-        uri = f"sqlite:///{Path(default_sqlite_path).expanduser().resolve()}"
-    elif "://" not in uri and Path(uri).suffix in _SQLITE_SUFFIXES:
+    uri = tracking_uri_or_default(explicit, os.environ, Path(default_sqlite_path).expanduser().resolve())
+    if "://" not in uri and Path(uri).suffix in _SQLITE_SUFFIXES:
         uri = f"sqlite:///{Path(uri).expanduser().resolve()}"
     if uri.startswith("sqlite:///"):
         db = uri.removeprefix("sqlite:///").split("?", 1)[0]
@@ -150,19 +149,6 @@ def ensure_experiment(name: str, *, artifact_location: str | None = None,
     return experiment.experiment_id
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def start_or_resume_run(experiment: str, run_name: str | None, tags: Mapping[str, str] | None,
                         run_id_file: str | os.PathLike, *, client: MlflowClient | None = None) -> str:
     """The MLflow run of a job: the one recorded in ``run_id_file`` when it still exists, else a new one.
@@ -191,7 +177,7 @@ def start_or_resume_run(experiment: str, run_name: str | None, tags: Mapping[str
                     client.set_tag(recorded, key, value)
             return recorded
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    _write_atomic(path, run.info.run_id + "\n")
+    write_text_atomic(path, run.info.run_id + "\n")
     return run.info.run_id
 
 

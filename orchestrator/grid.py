@@ -63,6 +63,7 @@ from pydantic import field_serializer, field_validator, model_serializer, model_
 from jobs.glue import METRIC_MODE, TaskInfo
 from jobs.spec import JobSpec, Problems, SpecError, SpecIssue, StrictModel
 from jobs.spec import apply_overrides, line_of, read_yaml_mapping, validation_issues
+from jobs.storage import tracking_uri_or_default
 
 __all__ = [
     "BACKENDS", "DOMAIN_KINDS", "METRIC_KEYS", "TRIAL_DRIVER_CPUS", "BackendUnavailable", "Domain", "GridSpec",
@@ -670,11 +671,7 @@ class GridSpec(StrictModel):
 
     def tracking_uri(self, env: Mapping[str, str] | None = None) -> str:
         """mlflow.tracking_uri, else env["MLFLOW_TRACKING_URI"], else SQLite under the sweep root."""
-        if self.mlflow.tracking_uri:
-            return self.mlflow.tracking_uri
-        if env and env.get("MLFLOW_TRACKING_URI"):
-            return env["MLFLOW_TRACKING_URI"]
-        return f"sqlite:///{self.sweep_root / 'mlflow.db'}"
+        return tracking_uri_or_default(self.mlflow.tracking_uri, env, self.sweep_root / "mlflow.db")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved grid as JSON-compatible data; `from_mapping(..., base_dir=grid.base_dir)` reads it back."""

@@ -20,17 +20,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jobs.storage import write_json_atomic
+
 STATUSES = ("pending", "running", "finished", "failed", "cancelled")
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def new_sweep_id(stem: str) -> str:

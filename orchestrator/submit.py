@@ -105,13 +105,7 @@ def resume(sweep: SweepDir, *, detach: bool) -> int:
 
 def _alive(state: dict[str, Any]) -> bool:
     pid = (state.get("backend") or {}).get("pid")
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
+    return bool(pid) and _pid_alive(pid)
 
 
 def cancel(sweep: SweepDir, timeout_s: float = 120.0) -> int:

@@ -4,13 +4,11 @@ real word pieces); job helpers live in jobkit.py."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = Path(os.environ.get("CKD_GLUE_DIR", REPO.parent / "shared" / "glue"))
+from jobkit import GLUE_DIR
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# The real GLUE files: ../shared/glue beside the checkout, or $CKD_GLUE_DIR.
+GLUE_DIR = Path(os.environ.get("CKD_GLUE_DIR", REPO.parent / "shared" / "glue"))
 
 
 def tiny_job(glue_dir: Path, teacher: Path, out_dir: Path, **sections: dict) -> dict:
@@ -42,3 +44,14 @@ def cli(*args: str, env: dict | None = None, timeout: float = 900, check: bool =
         raise AssertionError(f"ckd-orchestrate {' '.join(args)} exited {proc.returncode}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
     return proc
+
+
+def edit(text: str, old: str, new: str) -> str:
+    """`text` with the first `old` replaced (which must be there): a small change to a valid spec."""
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+def line_of(text: str, needle: str) -> int:
+    """1-based number of the first line of `text` containing `needle` (where an error must point)."""
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)

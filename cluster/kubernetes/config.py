@@ -38,7 +38,6 @@ from __future__ import annotations
 import difflib
 import math
 import re
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -52,6 +51,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 # below turn into issues at the right sub-keys.
 from jobs.spec import Problems as _Problems
 from jobs.spec import StrictModel as _Strict
+from jobs.spec import dotted_key, unwrap_model
 
 __all__ = [
     "ClusterSpecError", "HeadSpec", "KubernetesClusterSpec", "OWNED_POD_SPEC_KEYS", "POD_SPEC_FIELDS", "Quantity",
@@ -667,27 +667,8 @@ def _model_at(root: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | No
             (f for f in model.model_fields.values() if f.alias == part), None)
         if field is None:
             return None
-        model = _unwrap_model(field.annotation)
+        model = unwrap_model(field.annotation)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _unwrap_model(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        if (found := _unwrap_model(arg)) is not None:
-            return found
-    return None
-
-
-def _dotted(loc: Sequence[Any]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part != "":
-            out += f".{part}" if out else str(part)
-    return out
 
 
 def issues_from_validation_error(err: ValidationError, *, root: type[BaseModel] = KubernetesClusterSpec,
@@ -717,5 +698,5 @@ def issues_from_validation_error(err: ValidationError, *, root: type[BaseModel] 
                 text = repr(e.get("input"))
                 msg += f"; got {text if len(text) <= 80 else text[:77] + '...'}"
             entries = [(loc, msg)]
-        issues.extend((_dotted(entry_loc), msg) for entry_loc, msg in entries)
+        issues.extend((dotted_key(entry_loc), msg) for entry_loc, msg in entries)
     return issues

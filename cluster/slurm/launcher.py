@@ -53,6 +53,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from jobs.storage import write_json_atomic
+
 __all__ = [
     "PORT_BLOCK", "PORT_RANGE_END", "PORT_RANGE_START", "DriverFailed", "NodePorts", "RayAllocation", "SlurmEnv",
     "allocation_plan", "choose_ports", "driver_command", "driver_env", "port_block_order", "ray_head_command",
@@ -486,12 +488,6 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def _wait_for(what: str, check: Callable[[], Any], timeout: float, *, alive: Callable[[], bool] | None = None,
               interval: float = 0.5) -> Any:
     end = time.monotonic() + timeout
@@ -668,7 +664,7 @@ class RayAllocation:
             node, ports = self._start_node(env, build, ray_node_env(token_path), "ray head")
             # Ray writes the address it advertises just after saying it started
             address = _wait_for_value(lambda: _read_address(temp_dir), 10) or f"{node_ip or env.node_name}:{ports.gcs}"
-            _write_json_atomic(rdv / "head.json", {"address": address, "node": env.node_name,
+            write_json_atomic(rdv / "head.json", {"address": address, "node": env.node_name,
                                                    "ports": asdict(ports), "job_id": env.job_id,
                                                    "restart": env.restart})
             _log(f"Ray head up at {address}; waiting for {env.num_nodes - 1} more node(s)")

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from jobkit import GLUE_DIR
 from jobs.data import (
     CustomSource,
     GlueSource,
@@ -26,7 +27,6 @@ from jobs.data import (
     tokenizer_fingerprint,
 )
 
-GLUE_DIR = Path(os.environ.get("CKD_GLUE_DIR", Path(__file__).resolve().parents[3] / "shared" / "glue"))
 needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
 
 

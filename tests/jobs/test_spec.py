@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobkit import edit, line_of
 from jobs.spec import JobSpec, SpecError, load_job_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,15 +66,6 @@ def write(directory: Path, text: str, name: str = "job.yaml") -> Path:
     path = directory / name
     path.write_text(textwrap.dedent(text))
     return path
-
-
-def edit(text: str, old: str, new: str) -> str:
-    assert old in text, old
-    return text.replace(old, new, 1)
-
-
-def line_of(text: str, needle: str) -> int:
-    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
 
 
 def spec_error(path: Path, overrides=()) -> SpecError:

@@ -5,13 +5,13 @@ is the real packaged MiniLM (its config.json only) and the task the local GLUE d
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from jobkit import GLUE_DIR, edit, line_of
 from jobs.spec import SpecError
 from orchestrator import grid as grid_module
 from orchestrator.grid import (
@@ -20,7 +20,6 @@ from orchestrator.grid import (
 
 # The real GLUE files beside the checkout, as tests/conftest.py finds them (its glue_dir fixture fails
 # with a clear message when they are missing).
-GLUE_DIR = Path(os.environ.get("CKD_GLUE_DIR", Path(__file__).resolve().parents[3] / "shared" / "glue"))
 pytestmark = pytest.mark.usefixtures("glue_dir")
 
 GOOD = f"""\
@@ -51,15 +50,6 @@ def write(directory: Path, text: str, name: str = "grid.yaml") -> Path:
     path = directory / name
     path.write_text(textwrap.dedent(text))
     return path
-
-
-def edit(text: str, old: str, new: str) -> str:
-    assert old in text, old
-    return text.replace(old, new, 1)
-
-
-def line_of(text: str, needle: str) -> int:
-    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
 
 
 def errors(path: Path, overrides=()) -> SpecError:

@@ -1,0 +1,41 @@
+"""Small, dependency-free helpers for where results go: crash-safe file writes, and the MLflow store a
+job or sweep uses when none is named."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` so that a reader (or a crash) sees the old file or the whole new one:
+    a flushed, fsynced sibling temp file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, *, default: Callable[[Any], Any] = str) -> None:
+    """`write_text_atomic` of `data` as indented JSON (`default` converts what JSON cannot hold)."""
+    write_text_atomic(path, json.dumps(data, indent=1, default=default))
+
+
+def tracking_uri_or_default(explicit: str | None, env: Mapping[str, str] | None, sqlite_path: Path) -> str:
+    """The MLflow tracking URI: the configured one, else $MLFLOW_TRACKING_URI, else SQLite at `sqlite_path`."""
+    if explicit:
+        return explicit
+    if env and env.get("MLFLOW_TRACKING_URI"):
+        return env["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{sqlite_path}"
