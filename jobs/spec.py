@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import re
-import sys
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -713,8 +712,8 @@ class JobSpec(_Strict):
         return self.model_dump(mode="json")
 
     def flat_params(self) -> dict[str, str]:
-        """The resolved spec flattened to dotted keys for MLflow params (lists and empty mappings as
-        compact JSON), plus the expanded objective as `objective_terms.<term>.<option>` and
+        """The resolved spec flattened to dotted keys for MLflow params (unset options left out, lists and
+        empty mappings as compact JSON), plus the expanded objective as `objective_terms.<term>.<option>` and
         `teacher.cache_key`. Keys are cut to 250 and values to 6000 characters
         (a hash suffix keeps cut keys distinct and marks cut values)."""
         flat: dict[str, str] = {}
@@ -792,6 +791,8 @@ def _merge(raw: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, str]) -> None:
+    if value is None:
+        return  # an unset option: a column of "null"s in MLflow's run list says nothing
     if isinstance(value, Mapping) and value:
         for key, item in value.items():
             _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
@@ -992,10 +993,15 @@ def _model_at(loc: Sequence[Any], root: type[BaseModel] | None = None) -> type[B
     """The model class validating the mapping at `loc` (for listing valid keys), or None."""
     model: Any = JobSpec if root is None else root
     for part in loc:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
-        annotation = model.model_fields[part].annotation
-        model = unwrap_model(annotation)
+        if isinstance(part, int):  # an item of a list of models
+            continue
+        field = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None)
+        if field is None:
+            return None
+        model = unwrap_model(field.annotation)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
@@ -1042,18 +1048,26 @@ def validation_issues(err: ValidationError, *, file: str, lines: Mapping[str, in
     return _issues_from(err, None, file, lines or {}, overridden or {}, root=root)
 
 
-def _issues_from(err: ValidationError, data: Any, file: str, lines: Mapping[str, int],
-                 overridden: Mapping[str, str], root: type[BaseModel] | None = None) -> list[SpecIssue]:
-    issues: list[SpecIssue] = []
+def key_messages(err: ValidationError, *, root: type[BaseModel] | None = None,
+                 prefix: Sequence[Any] = ()) -> list[tuple[str, str]]:
+    """A pydantic error as (dotted key, message) pairs, the one wording every config of the project uses.
+
+    Args:
+        err: raised by `root.model_validate(...)` (models in this module's style: `StrictModel`, `Problems`),
+            or by a model embedding `root` at `prefix`.
+        root: the validated model class (an unknown key lists the valid keys there); default JobSpec.
+        prefix: the location of `root` inside the validated model; keys are made relative to it.
+    """
+    out: list[tuple[str, str]] = []
     for e in err.errors(include_url=False):
-        loc = [p for p in e["loc"] if p != "[key]"]
+        loc = [p for p in e["loc"] if p != "[key]"][len(prefix):]
         kind = e["type"]
         error = (e.get("ctx") or {}).get("error")
         if isinstance(error, _Problems):
-            entries = [(list(loc) + ([k] if k else []), m) for k, m in error.problems]
+            entries = [(loc + ([k] if k else []), m) for k, m in error.problems]
         elif kind == "extra_forbidden":
             model = _model_at(loc[:-1], root)
-            valid = sorted(model.model_fields) if model else []
+            valid = sorted(f.alias or n for n, f in model.model_fields.items()) if model else []
             hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
             msg = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
             entries = [(loc, msg + (f"; valid keys here: {', '.join(valid)}" if valid else ""))]
@@ -1064,11 +1078,17 @@ def _issues_from(err: ValidationError, data: Any, file: str, lines: Mapping[str,
             if kind not in ("value_error", "assertion_error"):
                 msg += f"; got {_short(e.get('input'))}"
             entries = [(loc, msg)]
-        for entry_loc, msg in entries:
-            key = dotted_key(entry_loc)
-            if key in overridden or any(key.startswith(k + ".") for k in overridden):
-                origin = overridden.get(key) or next(v for k, v in overridden.items() if key.startswith(k + "."))
-                issues.append(SpecIssue(file, None, key, f"{msg} (set by override {origin!r})"))
-            else:
-                issues.append(SpecIssue(file, _line_of(lines, key), key, msg))
+        out.extend((dotted_key(entry_loc), msg) for entry_loc, msg in entries)
+    return out
+
+
+def _issues_from(err: ValidationError, data: Any, file: str, lines: Mapping[str, int],
+                 overridden: Mapping[str, str], root: type[BaseModel] | None = None) -> list[SpecIssue]:
+    issues: list[SpecIssue] = []
+    for key, msg in key_messages(err, root=root):
+        if key in overridden or any(key.startswith(k + ".") for k in overridden):
+            origin = overridden.get(key) or next(v for k, v in overridden.items() if key.startswith(k + "."))
+            issues.append(SpecIssue(file, None, key, f"{msg} (set by override {origin!r})"))
+        else:
+            issues.append(SpecIssue(file, _line_of(lines, key), key, msg))
     return issues

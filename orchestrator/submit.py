@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.table import Table
@@ -73,18 +74,51 @@ def submit(grid: Any, grid_file: Path, *, detach: bool) -> int:
     return _run_here(sweep)
 
 
-def _submit_remote(grid: Any, grid_file: Path) -> int:
-    if grid.backend == "slurm":
-        from cluster.slurm.backend import SlurmBackend
+class RemoteSweeps(Protocol):
+    """What a remote backend (`cluster/<backend>/sweeps.py`, class `Sweeps`) does for the CLI."""
 
-        sweep = create_sweep(grid, grid_file)
-        job_id = SlurmBackend().submit(sweep.path, grid.cluster)
-        console.print(f"sweep [bold]{sweep.sweep_id}[/] in {sweep.path}; Slurm job [bold]{job_id}[/]")
-        print(sweep.sweep_id)
-        return 0
-    console.print(f"[red]error:[/] submitting to the {grid.backend!r} backend is not available in this version; "
-                  "`plan` shows what would be submitted", highlight=False)
-    return 2
+    def submit(self, sweep: SweepDir, grid: Any) -> str:
+        """Start the sweep's driver on the backend and return at once with the job's reference."""
+
+    def describe(self, sweep: SweepDir) -> tuple[str, str | None]:
+        """A line about the backend's job, and the sweep status it implies when the driver cannot tell."""
+
+    def driver_log(self, sweep: SweepDir, tail: int | None) -> str | None:
+        """The driver's log when it is not in the sweep directory on this machine (None: read it there)."""
+
+    def cancel(self, sweep: SweepDir, timeout_s: float) -> None:
+        """Stop the backend's job."""
+
+
+REMOTE_BACKENDS = ("slurm", "ray", "kubernetes")
+
+
+def remote_sweeps(backend: str) -> RemoteSweeps:
+    if backend not in REMOTE_BACKENDS:
+        raise ValueError(f"{backend!r} is not a remote backend ({', '.join(REMOTE_BACKENDS)})")
+    return importlib.import_module(f"cluster.{backend}.sweeps").Sweeps()
+
+
+def _remote_backend_of(sweep: SweepDir) -> str | None:
+    backend = (sweep.state().get("backend") or {}).get("backend")
+    return backend if backend in REMOTE_BACKENDS else None
+
+
+def _submit_remote(grid: Any, grid_file: Path) -> int:
+    sweeps = remote_sweeps(grid.backend)
+    sweep = create_sweep(grid, grid_file)
+    try:
+        job = sweeps.submit(sweep, grid)
+    except Exception as err:
+        sweep.update_state(status="failed", error=f"submission to {grid.backend} failed: {err}"[:2000])
+        console.print(f"[red]error:[/] submitting sweep {sweep.sweep_id} to {grid.backend} failed: {err}",
+                      highlight=False)
+        return 1
+    console.print(f"sweep [bold]{sweep.sweep_id}[/] in {sweep.path}; {grid.backend} job [bold]{job}[/]")
+    console.print(f"follow it with `ckd-orchestrate status {sweep.sweep_id}`, `ckd-orchestrate logs "
+                  f"{sweep.sweep_id}`; stop it with `ckd-orchestrate cancel {sweep.sweep_id}`")
+    print(sweep.sweep_id)
+    return 0
 
 
 def resume(sweep: SweepDir, *, detach: bool) -> int:
@@ -95,6 +129,19 @@ def resume(sweep: SweepDir, *, detach: bool) -> int:
     if state.get("status") == "finished":
         console.print(f"sweep {sweep.sweep_id} already finished")
         print_status(sweep)
+        return 0
+    remote = _remote_backend_of(sweep)
+    if remote:
+        from orchestrator.driver import load_grid_of
+
+        sweeps = remote_sweeps(remote)
+        line, ended = sweeps.describe(sweep)
+        if state.get("status") in ("pending", "running") and ended is None:
+            console.print(f"sweep {sweep.sweep_id} is still {state.get('status')} on {remote} ({line})",
+                          highlight=False)
+            return 2
+        job = sweeps.submit(sweep, load_grid_of(sweep))
+        console.print(f"resuming sweep [bold]{sweep.sweep_id}[/] on {remote}: job [bold]{job}[/]")
         return 0
     console.print(f"resuming sweep [bold]{sweep.sweep_id}[/]")
     if detach:
@@ -114,7 +161,10 @@ def cancel(sweep: SweepDir, timeout_s: float = 120.0) -> int:
     if state.get("status") in ("finished", "failed", "cancelled"):
         console.print(f"sweep {sweep.sweep_id} is already {state['status']}")
         return 0
-    if _alive(state):
+    remote = _remote_backend_of(sweep)
+    if remote:
+        remote_sweeps(remote).cancel(sweep, timeout_s)
+    elif _alive(state):
         pid = backend["pid"]
         if backend.get("detached"):
             os.killpg(pid, signal.SIGTERM)  # the driver and the Ray processes it started
@@ -125,7 +175,8 @@ def cancel(sweep: SweepDir, timeout_s: float = 120.0) -> int:
             time.sleep(1)
         if _alive(state) and backend.get("detached"):
             os.killpg(pid, signal.SIGKILL)
-    stop_local_ray(sweep)
+    if not remote:
+        stop_local_ray(sweep)
     sweep.update_state(status="cancelled", error=None)  # the driver's own exit error is not news here
     console.print(f"sweep {sweep.sweep_id} cancelled")
     return 0
@@ -163,11 +214,19 @@ def print_status(sweep: SweepDir) -> None:
     from orchestrator.driver import load_grid_of
     from orchestrator.report import trials_table
 
-    state = sweep.state()
+    remote = _remote_backend_of(sweep)
+    backend_line = None
+    if remote:
+        backend_line, implied = remote_sweeps(remote).describe(sweep)
+        if implied and sweep.state().get("status") in ("pending", "running"):
+            sweep.update_state(status=implied)
+    state = sweep.state()  # after describe(): a backend may have filled in what its driver recorded remotely
     status = state.get("status")
     if status == "running" and not _alive(state) and (state.get("backend") or {}).get("backend") == "local":
         status = "stopped (driver not running; `resume` continues it)"
     console.print(f"sweep [bold]{sweep.sweep_id}[/]: {status}  ({sweep.path})")
+    if backend_line:
+        console.print(f"  {backend_line}", highlight=False)
     if state.get("error"):
         console.print(f"  error: {state['error']}", markup=False)
     if not state.get("parent_run_id"):
@@ -206,6 +265,12 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def print_logs(sweep: SweepDir, trial: str | None, tail: int | None) -> int:
+    remote = _remote_backend_of(sweep)
+    if trial is None and remote:
+        text = remote_sweeps(remote).driver_log(sweep, tail)
+        if text is not None:
+            sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+            return 0
     path = sweep.log_file if trial is None else sweep.trial_dir(trial) / "job.log"
     if not path.is_file():
         console.print(f"[red]error:[/] no log at {path}", highlight=False)

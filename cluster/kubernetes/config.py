@@ -51,7 +51,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 # below turn into issues at the right sub-keys.
 from jobs.spec import Problems as _Problems
 from jobs.spec import StrictModel as _Strict
-from jobs.spec import dotted_key, unwrap_model
+from jobs.spec import key_messages
 
 __all__ = [
     "ClusterSpecError", "HeadSpec", "KubernetesClusterSpec", "OWNED_POD_SPEC_KEYS", "POD_SPEC_FIELDS", "Quantity",
@@ -656,47 +656,8 @@ class KubernetesClusterSpec(_Placement):
 # ------------------------------------------------------------------------- pydantic -> (key, message)
 
 
-def _model_at(root: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
-    model: Any = root
-    for part in loc:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return None
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) or next(
-            (f for f in model.model_fields.values() if f.alias == part), None)
-        if field is None:
-            return None
-        model = unwrap_model(field.annotation)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
 def issues_from_validation_error(err: ValidationError, *, root: type[BaseModel] = KubernetesClusterSpec,
                                  prefix: Sequence[Any] = ()) -> list[tuple[str, str]]:
     """Turn a pydantic error of `root` (or of a model embedding it at `prefix`) into (key, message) pairs,
     keys relative to the `cluster:` block; unknown keys list the valid ones."""
-    issues: list[tuple[str, str]] = []
-    for e in err.errors(include_url=False):
-        loc = [p for p in e["loc"] if p != "[key]"][len(prefix):]
-        kind = e["type"]
-        error = (e.get("ctx") or {}).get("error")
-        if isinstance(error, _Problems):
-            entries = [(loc + [k] if k else loc, m) for k, m in error.problems]
-        elif kind == "extra_forbidden":
-            model = _model_at(root, loc[:-1])
-            valid = sorted(f.alias or n for n, f in model.model_fields.items()) if model else []
-            hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            msg = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            entries = [(loc, msg + (f"; valid keys here: {', '.join(valid)}" if valid else ""))]
-        elif kind == "missing":
-            entries = [(loc, "required key is missing")]
-        elif kind == "literal_error":
-            entries = [(loc, f"{e['msg']}; got {e.get('input')!r}")]
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            if kind not in ("value_error", "assertion_error"):
-                text = repr(e.get("input"))
-                msg += f"; got {text if len(text) <= 80 else text[:77] + '...'}"
-            entries = [(loc, msg)]
-        issues.extend((dotted_key(entry_loc), msg) for entry_loc, msg in entries)
-    return issues
+    return key_messages(err, root=root, prefix=prefix)

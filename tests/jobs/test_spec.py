@@ -397,6 +397,10 @@ def test_flat_params(job_dir):
     assert params["output.dir"] == str(job_dir / "out")
     assert params["teacher.cache_key"] == spec.teacher_cache_key()
     assert {"teacher.finetune.seed", "training.seed", "deepspeed.zero_stage", "output.mlflow.experiment"} <= set(params)
+    # unset options (task.dataset, student.architecture, training.max_steps here) are left out
+    assert "null" not in params.values()
+    assert not {"task.dataset", "student.architecture", "training.max_steps"} & set(params)
+    assert spec.task.dataset is None and spec.student.architecture is None and spec.training.max_steps is None
 
 
 def test_flat_params_truncated(job_dir):
