@@ -115,6 +115,8 @@ def init_ray(sweep: SweepDir, grid: Any) -> None:
     address = os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if address:
+        if os.environ.get("CKD_RAY_DASHBOARD_URL"):  # a Slurm allocation's head: see the comment below
+            env_vars["RAY_ADDRESS"] = os.environ["CKD_RAY_DASHBOARD_URL"]
         ray.init(address=address, runtime_env={"env_vars": env_vars}, **kwargs)
         return
     from jobs.distributed import free_port
@@ -191,7 +193,10 @@ def run_sweep(sweep: SweepDir) -> dict[str, Any]:
                        experiment=grid.mlflow.experiment)
     try:
         prepare_teachers(grid)
+        cancel_handler = signal.getsignal(signal.SIGTERM)
         init_ray(sweep, grid)
+        if callable(cancel_handler):  # ray.init installs a SIGTERM handler that exits: keep a cancel a cancel
+            signal.signal(signal.SIGTERM, cancel_handler)
         results = build_tuner(sweep, grid).fit()
         stop_file = os.environ.get("CKD_STOP_FILE")
         if stop_file and Path(stop_file).exists():
@@ -220,6 +225,12 @@ def run_sweep(sweep: SweepDir) -> dict[str, Any]:
                  champion["trial_id"], grid.metric_name, champion["value"])
         return state
     except BaseException as err:
+        stop_file = os.environ.get("CKD_STOP_FILE")
+        if stop_file and Path(stop_file).exists():
+            # Slurm is requeueing the job (whatever the stop made Tune raise): the next run restores the sweep
+            # and continues its parent run.
+            sweep.update_state(status="pending")
+            raise
         status = "cancelled" if isinstance(err, KeyboardInterrupt) else "failed"
         mlflow.MlflowClient(grid.tracking_uri()).set_terminated(parent, "KILLED" if status == "cancelled" else "FAILED")
         sweep.update_state(status=status, error=f"{type(err).__name__}: {err}"[:2000])
@@ -231,13 +242,86 @@ def run_sweep(sweep: SweepDir) -> dict[str, Any]:
             ray.shutdown()
 
 
+# The environment variable that carries a sweep's record (sweep.json + grid.yaml) to a driver on a cluster
+# that does not share the submitting machine's file system (Ray Jobs API, KubeRay).
+RECORD_ENV = "CKD_SWEEP_RECORD"
+# Linux caps one environment string at 128 KiB (MAX_ARG_STRLEN); stay well below it.
+MAX_RECORD_CHARS = 100_000
+
+
+def sweep_record(sweep: SweepDir) -> str:
+    """The sweep's record as one JSON string: what a remote driver needs to create the sweep directory.
+
+    Raises:
+        ValueError: the record is too large for an environment variable.
+    """
+    import json
+
+    text = json.dumps({"sweep": sweep.sweep(), "grid_yaml": (sweep.path / "grid.yaml").read_text()},
+                      separators=(",", ":"))
+    if len(text) > MAX_RECORD_CHARS:
+        raise ValueError(f"the sweep record of {sweep.path} is {len(text):,} characters, more than the "
+                         f"{MAX_RECORD_CHARS:,} an environment variable can carry; shorten the grid")
+    return text
+
+
+def bootstrap_sweep(sweep: SweepDir, record_text: str) -> bool:
+    """Create the sweep directory from a shipped record when it is missing; keep an existing one, which
+    the driver then continues from its Tune state (a KubeRay retry on a PVC, a shared file system).
+
+    Returns:
+        True when the directory was created here.
+
+    Raises:
+        ValueError: the record is not a sweep record, or belongs to another sweep id.
+    """
+    import json
+
+    from jobs.storage import write_json_atomic
+
+    try:
+        record = json.loads(record_text)
+        meta, grid_yaml = record["sweep"], record["grid_yaml"]
+        shipped_id = meta["sweep_id"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"${RECORD_ENV}: expected the JSON record of a sweep ({{sweep, grid_yaml}}): "
+                         f"{type(err).__name__}: {err}") from None
+    if shipped_id != sweep.sweep_id:
+        raise ValueError(f"the shipped record is of sweep {shipped_id!r}, but the driver was started on {sweep.path}")
+    if sweep.exists():
+        return False
+    (sweep.path / "logs").mkdir(parents=True, exist_ok=True)
+    (sweep.path / "grid.yaml").write_text(grid_yaml)
+    write_json_atomic(sweep.path / "sweep.json", meta)
+    sweep.update_state(status="pending")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m orchestrator.driver <sweep_dir>", file=sys.stderr)
-        return 2
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.driver", description="Run (or continue) a sweep.")
+    parser.add_argument("sweep_dir", help="the sweep directory (created from --bootstrap-env when missing)")
+    parser.add_argument("--bootstrap-env", metavar="NAME",
+                        help=f"environment variable holding the sweep's record (normally {RECORD_ENV}), for a "
+                             "driver on a cluster that may not see the submitting machine's files")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sweep = SweepDir(argv[0])
+    sweep = SweepDir(args.sweep_dir)
+    if args.bootstrap_env:
+        text = os.environ.get(args.bootstrap_env)
+        if not text:
+            print(f"error: --bootstrap-env {args.bootstrap_env}: the variable is not set", file=sys.stderr)
+            return 2
+        try:
+            created = bootstrap_sweep(sweep, text)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        log.info("%s sweep directory %s", "created the" if created else "continuing the", sweep.path)
+    elif not sweep.exists():
+        print(f"error: {sweep.path} is not a sweep directory (no sweep.json)", file=sys.stderr)
+        return 2
     # `cancel` sends SIGTERM: unwind like Ctrl-C so Tune stops its trials and the state says cancelled.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:

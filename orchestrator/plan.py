@@ -61,6 +61,10 @@ def check_plan(grid: Any) -> list[str]:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
         except Exception as err:
             problems.append(f"mlflow.tracking_uri: the MLflow server {uri} is not reachable ({err})")
+    if grid.backend in ("ray", "kubernetes"):  # the cluster's own checks (ray: the dashboard answers us)
+        import importlib
+
+        problems += importlib.import_module(f"cluster.{grid.backend}.sweeps").plan_problems(grid)
     if grid.backend == "local":
         cpus, gpus = _local_resources(grid)
         if grid.concurrent_trials(cpus, gpus) < 1:
@@ -168,10 +172,15 @@ def print_plan(grid: Any, problems: list[str], console: Console | None = None) -
     console.print(f"sweep root: {grid.sweep_root}")
     if grid.backend == "kubernetes":
         from cluster.kubernetes.manifest import render_rayjob, to_yaml
+        from cluster.kubernetes.sweeps import sweep_manifest
 
-        root = grid.cluster.storage.mount_path if grid.cluster.storage.pvc else "/sweeps"
         console.print("RayJob manifest:")
-        _verbatim(to_yaml(render_rayjob(grid.cluster, sweep_id="<sweep-id>", sweep_dir=f"{root}/<sweep-id>")))
+        try:  # what submit applies, but for the sweep id and the record it carries
+            manifest = sweep_manifest(grid, "<sweep-id>", record="<sweep.json and grid.yaml of the sweep, as JSON>")
+        except ValueError:  # a grid the pods cannot run: listed under problems below
+            root = grid.cluster.storage.sweep_root
+            manifest = render_rayjob(grid.cluster, sweep_id="<sweep-id>", sweep_dir=f"{root}/<sweep-id>")
+        _verbatim(to_yaml(manifest))
     if grid.backend == "slurm":
         from cluster.slurm.backend import SlurmBackend
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from rich.console import Console
@@ -99,6 +101,16 @@ def remote_sweeps(backend: str) -> RemoteSweeps:
     return importlib.import_module(f"cluster.{backend}.sweeps").Sweeps()
 
 
+@contextlib.contextmanager
+def _backend_errors(backend: str, what: str) -> Iterator[None]:
+    """A backend's failure (unreachable scheduler, a job it no longer knows) as one error line and exit 2."""
+    try:
+        yield
+    except Exception as err:
+        console.print(f"[red]error:[/] {what} ({backend}): {err}", highlight=False)
+        raise SystemExit(2) from None
+
+
 def _remote_backend_of(sweep: SweepDir) -> str | None:
     backend = (sweep.state().get("backend") or {}).get("backend")
     return backend if backend in REMOTE_BACKENDS else None
@@ -135,12 +147,13 @@ def resume(sweep: SweepDir, *, detach: bool) -> int:
         from orchestrator.driver import load_grid_of
 
         sweeps = remote_sweeps(remote)
-        line, ended = sweeps.describe(sweep)
-        if state.get("status") in ("pending", "running") and ended is None:
-            console.print(f"sweep {sweep.sweep_id} is still {state.get('status')} on {remote} ({line})",
-                          highlight=False)
-            return 2
-        job = sweeps.submit(sweep, load_grid_of(sweep))
+        with _backend_errors(remote, f"resuming sweep {sweep.sweep_id}"):
+            line, ended = sweeps.describe(sweep)
+            if sweep.state().get("status") in ("pending", "running") and ended is None:
+                console.print(f"sweep {sweep.sweep_id} is still {state.get('status')} on {remote} ({line})",
+                              highlight=False)
+                return 2
+            job = sweeps.submit(sweep, load_grid_of(sweep))
         console.print(f"resuming sweep [bold]{sweep.sweep_id}[/] on {remote}: job [bold]{job}[/]")
         return 0
     console.print(f"resuming sweep [bold]{sweep.sweep_id}[/]")
@@ -163,7 +176,8 @@ def cancel(sweep: SweepDir, timeout_s: float = 120.0) -> int:
         return 0
     remote = _remote_backend_of(sweep)
     if remote:
-        remote_sweeps(remote).cancel(sweep, timeout_s)
+        with _backend_errors(remote, f"cancelling sweep {sweep.sweep_id}"):
+            remote_sweeps(remote).cancel(sweep, timeout_s)
     elif _alive(state):
         pid = backend["pid"]
         if backend.get("detached"):
@@ -217,7 +231,8 @@ def print_status(sweep: SweepDir) -> None:
     remote = _remote_backend_of(sweep)
     backend_line = None
     if remote:
-        backend_line, implied = remote_sweeps(remote).describe(sweep)
+        with _backend_errors(remote, f"reading sweep {sweep.sweep_id}'s job"):
+            backend_line, implied = remote_sweeps(remote).describe(sweep)
         if implied and sweep.state().get("status") in ("pending", "running"):
             sweep.update_state(status=implied)
     state = sweep.state()  # after describe(): a backend may have filled in what its driver recorded remotely
@@ -267,7 +282,8 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def print_logs(sweep: SweepDir, trial: str | None, tail: int | None) -> int:
     remote = _remote_backend_of(sweep)
     if trial is None and remote:
-        text = remote_sweeps(remote).driver_log(sweep, tail)
+        with _backend_errors(remote, f"reading sweep {sweep.sweep_id}'s driver log"):
+            text = remote_sweeps(remote).driver_log(sweep, tail)
         if text is not None:
             sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
             return 0

@@ -78,9 +78,12 @@ def rayjob_name(sweep_id: str) -> str:
     return f"{base[:MAX_RAYJOB_NAME - 9].rstrip('-')}-{digest}"
 
 
-def default_entrypoint(sweep_dir: str) -> str:
-    """The command KubeRay runs as the Ray job: the sweep driver on the sweep's directory."""
-    return f"python -m orchestrator.driver {shlex.quote(sweep_dir)}"
+def default_entrypoint(sweep_dir: str, bootstrap_env: str | None = None) -> str:
+    """The command KubeRay runs as the Ray job: the sweep driver on the sweep's directory; with
+    `bootstrap_env`, the driver first creates that directory from the sweep record in that variable
+    (the first attempt) or continues the one a previous attempt left on the storage (a retry)."""
+    command = f"python -m orchestrator.driver {shlex.quote(sweep_dir)}"
+    return f"{command} --bootstrap-env {bootstrap_env}" if bootstrap_env else command
 
 
 # ------------------------------------------------------------------------------------------- render

@@ -2,8 +2,9 @@
 
 `SlurmClusterSpec` validates the grid's `cluster:` block, `SlurmBackend` submits the job (`sbatch_script` and
 `node_commands` for `plan`), reads its state (squeue / sacct), finds its logs and cancels it;
-`cluster.slurm.launcher.RayAllocation` is what runs on the nodes. `cluster/slurm/testbed.sh` starts a real
-Slurm on one machine for tests and development.
+`cluster.slurm.launcher.RayAllocation` is what runs on the nodes; `cluster.slurm.sweeps.Sweeps` is what the CLI
+(`submit`, `status`, `logs`, `cancel`) calls. `cluster/slurm/testbed.sh` starts a real Slurm on one machine for
+tests and development.
 """
 
 from cluster.slurm.config import ClusterSpecError, SlurmClusterSpec, parse_slurm_time

@@ -225,10 +225,13 @@ class SlurmBackend:
     @staticmethod
     def allocation(sweep_dir: str | Path, spec: SlurmClusterSpec,
                    command: Sequence[str] | None = None) -> RayAllocation:
-        """The callable each node runs (see cluster.slurm.launcher)."""
-        return RayAllocation(Path(sweep_dir).resolve(), command, gpus_per_node=spec.gpus_per_node,
+        """The callable each node runs (see cluster.slurm.launcher). The sweep driver (the default command)
+        writes its output to the sweep's logs/driver.log, where `ckd-orchestrate logs` finds it."""
+        sweep_dir = Path(sweep_dir).resolve()
+        return RayAllocation(sweep_dir, command, gpus_per_node=spec.gpus_per_node,
                              include_dashboard=spec.ray_dashboard, requeue=spec.requeue,
-                             signal_delay_s=spec.signal_delay_s)
+                             signal_delay_s=spec.signal_delay_s,
+                             driver_log=sweep_dir / "logs" / "driver.log" if command is None else None)
 
     def sbatch_script(self, sweep_dir: str | Path, spec: SlurmClusterSpec) -> str:
         """The batch script `submit` gives sbatch, exactly (works without Slurm installed)."""

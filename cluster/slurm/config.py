@@ -22,7 +22,8 @@
       python: null                    # the command starting Python on the nodes; default: the submitting
                                       # interpreter (sys.executable at submit time)
       job_name: null                  # default ckd-<sweep id>
-      ray_dashboard: false            # start the Ray dashboard on the head (on a port of its own)
+      ray_dashboard: true             # the Ray dashboard on the head (a port of its own): it serves the State
+                                      # API, which Ray Train needs to release an early-stopped trial's workers
 
 `time` takes Slurm's formats: minutes (an integer or "90"), "minutes:seconds", "hours:minutes:seconds",
 "days-hours", "days-hours:minutes", "days-hours:minutes:seconds"; sbatch gets whole minutes (seconds are
@@ -193,7 +194,7 @@ class SlurmClusterSpec(StrictModel):
     python: str | None = Field(None, description="shell command starting Python on the nodes; "
                                                  "default: the submitting interpreter")
     job_name: str | None = None
-    ray_dashboard: bool = False
+    ray_dashboard: bool = True
 
     # ---------------------------------------------------------------------------------- field checks
 

@@ -28,7 +28,12 @@ waits for it, stops Ray, and hands submitit the same callable to requeue (`scont
 job (same job id, SLURM_RESTART_COUNT + 1) starts everything again and the driver restores the experiment
 (Tuner.restore). Children are started with USR2 ignored, so Slurm's signal reaches only the launcher.
 `scontrol requeue` (or a node failure) sends SIGTERM instead: Ray shuts down, the driver is killed, and the
-requeued job restores from the last saved experiment state.
+requeued job restores from the last saved experiment state. On such a SIGTERM, task 0 asks Slurm whether the
+job is being requeued (its restart count is then already ahead); if so it creates the stop file and, once the
+driver is gone, records the sweep in state.json as pending (waiting for the next run) rather than cancelled.
+
+The driver's output goes to the sweep's logs/driver.log (appended by every run), which `ckd-orchestrate logs`
+reads; the launcher's and Ray's own output stays in submitit's per-task logs.
 
 The per-node command lines are pure functions (`ray_head_command`, `ray_worker_command`, `driver_command`,
 `allocation_plan`), so that `plan` prints them and tests check them.
@@ -57,8 +62,8 @@ from jobs.storage import write_json_atomic
 
 __all__ = [
     "PORT_BLOCK", "PORT_RANGE_END", "PORT_RANGE_START", "DriverFailed", "NodePorts", "RayAllocation", "SlurmEnv",
-    "allocation_plan", "choose_ports", "driver_command", "driver_env", "port_block_order", "ray_head_command",
-    "ray_node_env", "ray_temp_dir", "ray_worker_command", "rendezvous_dir",
+    "allocation_plan", "choose_ports", "dashboard_url", "driver_command", "driver_env", "port_block_order",
+    "ray_head_command", "ray_node_env", "ray_temp_dir", "ray_worker_command", "rendezvous_dir",
 ]  # fmt: skip
 
 # Ports: [20000, 32768) lies above Ray's default worker ports (10002-19999, used by other Ray clusters on a
@@ -209,8 +214,12 @@ def _node_port_flags(ports: NodePorts) -> list[str]:
 
 def ray_head_command(*, python: str, ports: NodePorts, num_cpus: int, num_gpus: int, temp_dir: str,
                      node_ip: str | None = None, memory_bytes: int | None = None,
-                     object_store_bytes: int | None = None, include_dashboard: bool = False) -> list[str]:
-    """`ray start --head --block` for node 0 (argv). The token is not an argument: see `ray_node_env`."""
+                     object_store_bytes: int | None = None, include_dashboard: bool = False,
+                     dashboard_host: str = "127.0.0.1") -> list[str]:
+    """`ray start --head --block` for node 0 (argv). The token is not an argument: see `ray_node_env`.
+
+    The dashboard binds `dashboard_host`: the head's own address on a cluster, since Ray Train's workers on
+    other nodes call its State API (see `dashboard_url`)."""
     cmd = _ray_cli(python) + ["--head", "--block"]
     if node_ip:
         cmd.append(f"--node-ip-address={node_ip}")
@@ -218,7 +227,7 @@ def ray_head_command(*, python: str, ports: NodePorts, num_cpus: int, num_gpus: 
     cmd += _node_port_flags(ports)
     cmd += _resource_flags(num_cpus, num_gpus, memory_bytes, object_store_bytes)
     if include_dashboard:
-        cmd += ["--include-dashboard=true", f"--dashboard-port={ports.dashboard}"]
+        cmd += ["--include-dashboard=true", f"--dashboard-host={dashboard_host}", f"--dashboard-port={ports.dashboard}"]
     else:
         cmd.append("--include-dashboard=false")
     cmd += [f"--temp-dir={temp_dir}", "--disable-usage-stats", "--log-style=record", "--log-color=false"]
@@ -254,13 +263,21 @@ def driver_command(python: str, sweep_dir: str | Path) -> list[str]:
     return [python, "-m", "orchestrator.driver", str(sweep_dir)]
 
 
+def dashboard_url(host: str | None, ports: NodePorts) -> str:
+    """The head's dashboard as an http address (what the State API takes as RAY_ADDRESS)."""
+    return f"http://{host or '127.0.0.1'}:{ports.dashboard}"
+
+
 def driver_env(*, ray_address: str, token_path: str | Path, job_id: int | str, restart: int, num_nodes: int,
-               stop_file: str | Path) -> dict[str, str]:
+               stop_file: str | Path, dashboard: str | None = None) -> dict[str, str]:
     """Environment added for the driver: the allocation's Ray cluster and token, and how it was started.
 
     CKD_SLURM_RESTART is 0 on the first run and counts requeues; CKD_STOP_FILE exists once the launcher has
-    asked the driver to stop for a requeue (walltime warning or preemption), before it sends SIGINT."""
-    return {
+    asked the driver to stop for a requeue (walltime warning, preemption or `scontrol requeue`), before it
+    stops the driver. CKD_RAY_DASHBOARD_URL (when the dashboard runs) is the address the driver hands its
+    Ray workers as RAY_ADDRESS: Ray Train releases an early-stopped trial's workers through the State API,
+    and auto-detecting the dashboard fails where another Ray runs on the same machine."""
+    env = {
         "RAY_ADDRESS": ray_address,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path),
@@ -270,6 +287,9 @@ def driver_env(*, ray_address: str, token_path: str | Path, job_id: int | str, r
         "CKD_RAY_NODES": str(num_nodes),
         "CKD_STOP_FILE": str(stop_file),
     }
+    if dashboard:
+        env["CKD_RAY_DASHBOARD_URL"] = dashboard
+    return env
 
 
 def node_memory(mem_per_node_mb: int | None) -> tuple[int | None, int | None]:
@@ -298,7 +318,8 @@ def allocation_plan(*, sweep_dir: str | Path, nodes: int, cpus_per_task: int, gp
     head_ports = NodePorts(port_block_order(job_id, 0)[0])
     head = ray_head_command(python=python, ports=head_ports, num_cpus=cpus_per_task, num_gpus=gpus_per_node,
                             temp_dir=ray_temp_dir("<jobid>", restart, 0), node_ip="<node 0 ip>",
-                            memory_bytes=memory, object_store_bytes=store, include_dashboard=include_dashboard)
+                            memory_bytes=memory, object_store_bytes=store, include_dashboard=include_dashboard,
+                            dashboard_host="<node 0 ip>")
     lines += ["# node 0 (Ray head):", f"{env} {shlex.join(head)}"]
     if nodes > 1:
         worker = ray_worker_command(python=python, head_address=f"<node 0 ip>:{head_ports.gcs}",
@@ -307,7 +328,8 @@ def allocation_plan(*, sweep_dir: str | Path, nodes: int, cpus_per_task: int, gp
                                     node_ip="<node i ip>", memory_bytes=memory, object_store_bytes=store)
         lines += [f"# nodes 1..{nodes - 1} (Ray workers; each on its own port block):", f"{env} {shlex.join(worker)}"]
     denv = driver_env(ray_address=f"<node 0 ip>:{head_ports.gcs}", token_path=token, job_id="<jobid>", restart=0,
-                      num_nodes=nodes, stop_file=rdv / "stop")
+                      num_nodes=nodes, stop_file=rdv / "stop",
+                      dashboard=dashboard_url("<node 0 ip>", head_ports) if include_dashboard else None)
     denv["CKD_SLURM_RESTART"] = restart
     drv = list(command) if command is not None else driver_command(python, sweep_dir)
     lines += ["# node 0, once every node has joined (the driver):",
@@ -549,11 +571,13 @@ class RayAllocation:
         requeue: on Slurm's warning signal, checkpoint and requeue (else stop the driver and end).
         signal_delay_s: how long before the time limit the warning comes (bounds the driver's grace time).
         start_timeout_s: how long a node waits for Ray to start, for the head's address, or for all nodes.
+        driver_log: a file the driver's stdout and stderr are appended to (the sweep's logs/driver.log, which
+            `ckd-orchestrate logs` reads on the shared file system); None: this task's own output.
     """
 
     def __init__(self, sweep_dir: str | Path, command: Sequence[str] | None = None, *, gpus_per_node: int = 0,
                  include_dashboard: bool = False, requeue: bool = True, signal_delay_s: int = 120,
-                 start_timeout_s: float = 600.0) -> None:
+                 start_timeout_s: float = 600.0, driver_log: str | Path | None = None) -> None:
         self.sweep_dir = str(Path(sweep_dir).resolve())
         self.command = list(command) if command is not None else None
         self.gpus_per_node = gpus_per_node
@@ -561,6 +585,7 @@ class RayAllocation:
         self.requeue = requeue
         self.signal_delay_s = signal_delay_s
         self.start_timeout_s = start_timeout_s
+        self.driver_log = str(driver_log) if driver_log is not None else None
         self._runtime: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # the running processes are not part of a checkpoint
@@ -588,7 +613,16 @@ class RayAllocation:
             _log("SIGTERM during the checkpoint: the requeue is under way")
             return
         env: SlurmEnv | None = self._runtime.get("env")
-        _log("SIGTERM (job cancelled, requeued or preempted): stopping this node's Ray and the driver")
+        if env is not None and env.node_index == 0 and _requeued(env):
+            _log("SIGTERM for a requeue: stopping this node's Ray and the driver; the requeued job continues")
+            with contextlib.suppress(OSError, KeyError, TypeError):
+                self._runtime["stop_file"].touch()
+            # Slurm signals every process of the job at once, so the driver may fail on its dying Ray before it
+            # sees the stop file: once it is gone, the sweep is recorded as waiting for its next run.
+            _stop(self._runtime.get("driver"), "the driver", timeout=3)
+            _record_requeue(self.sweep_dir, env)
+        else:
+            _log("SIGTERM (job cancelled, requeued or preempted): stopping this node's Ray and the driver")
         # Slurm sends SIGKILL KillWait seconds after SIGTERM (30 s by default, 5 s on the testbed): be quick
         if env is not None and env.node_index == 0:
             self._teardown_head(env, worker_wait_s=0, stop_timeout=3, leftover_grace=0.5)
@@ -658,7 +692,7 @@ class RayAllocation:
             return ray_head_command(python=sys.executable, ports=ports, num_cpus=env.cpus,
                                     num_gpus=self.gpus_per_node, temp_dir=temp_dir, node_ip=node_ip,
                                     memory_bytes=memory, object_store_bytes=store,
-                                    include_dashboard=self.include_dashboard)
+                                    include_dashboard=self.include_dashboard, dashboard_host=node_ip or "127.0.0.1")
 
         try:
             node, ports = self._start_node(env, build, ray_node_env(token_path), "ray head")
@@ -673,9 +707,11 @@ class RayAllocation:
                       self.start_timeout_s, alive=lambda: node.proc.poll() is None)
             command = self.command or driver_command(sys.executable, self.sweep_dir)
             extra = driver_env(ray_address=address, token_path=token_path, job_id=env.job_id, restart=env.restart,
-                               num_nodes=env.num_nodes, stop_file=rdv / "stop")
-            _log(f"all {env.num_nodes} node(s) up; running the driver: {shlex.join(command)}")
-            driver = _spawn(command, extra)
+                               num_nodes=env.num_nodes, stop_file=rdv / "stop",
+                               dashboard=dashboard_url(node_ip, ports) if self.include_dashboard else None)
+            _log(f"all {env.num_nodes} node(s) up; running the driver: {shlex.join(command)}"
+                 + (f" (output: {self.driver_log})" if self.driver_log else ""))
+            driver = self._start_driver(command, extra)
             self._runtime["driver"] = driver
             while driver.poll() is None:  # not wait(): the USR2 handler must be able to wait for it too
                 if node.proc.poll() is not None:
@@ -690,6 +726,17 @@ class RayAllocation:
         if returncode != 0:
             raise DriverFailed(returncode, command)
         return returncode
+
+    def _start_driver(self, command: Sequence[str], extra: Mapping[str, str]) -> subprocess.Popen[Any]:
+        if self.driver_log is None:
+            return _spawn(command, extra)
+        log_path = Path(self.driver_log)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as out:  # the child keeps its own descriptor
+            out.write(f"[ckd-launcher {time.strftime('%Y-%m-%d %H:%M:%S')}] Slurm job "
+                      f"{extra['CKD_SLURM_JOB_ID']} run {extra['CKD_SLURM_RESTART']}: starting the driver\n")
+            out.flush()
+            return _spawn(command, extra, stdout=out, stderr=subprocess.STDOUT)
 
     def _teardown_head(self, env: SlurmEnv, worker_wait_s: float = 30.0, stop_timeout: float = 30.0,
                        leftover_grace: float = 5.0) -> None:
@@ -764,6 +811,33 @@ class RayAllocation:
                 (rt["rdv"] / f"node-{rt['env'].node_index}.stopped").touch()
         if rt.get("temp_dir"):
             shutil.rmtree(rt["temp_dir"], ignore_errors=True)
+
+
+def _record_requeue(sweep_dir: str, env: SlurmEnv) -> None:
+    """Mark the sweep in `<sweep_dir>/state.json` as pending (waiting for the requeued run), without the error
+    its interrupted driver may have recorded."""
+    if not Path(sweep_dir, "state.json").is_file():
+        return
+    from orchestrator.state import SweepDir
+
+    try:
+        SweepDir(sweep_dir).update_state(status="pending", error=None, requeued_from_run=env.restart)
+    except (OSError, ValueError) as err:
+        _log(f"could not record the requeue in {sweep_dir}/state.json: {err}")
+
+
+def _requeued(env: SlurmEnv, timeout: float = 2.0) -> bool:
+    """Whether Slurm is requeueing this job (`scontrol requeue`, a preemption with requeue): its restart count
+    is already ahead of this run's when the SIGTERM arrives; a `scancel` leaves it as it is."""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", str(env.job_id)], capture_output=True, text=True,
+                             timeout=timeout, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    for field in out.split():
+        if field.startswith("Restarts="):
+            return field.removeprefix("Restarts=").isdigit() and int(field.removeprefix("Restarts=")) > env.restart
+    return False
 
 
 def _wait_for_value(read: Callable[[], Any], timeout: float) -> Any:

@@ -1003,3 +1003,121 @@ def test_kubectl_missing_is_a_clear_error():
     backend = KubernetesBackend(KubernetesClusterSpec.from_mapping(data), kubectl="/nonexistent/kubectl")
     with pytest.raises(KubernetesUnavailableError, match="not found"):
         backend.status("x")
+
+
+# ------------------------------------------------------------------------ `submit` of a grid (Sweeps)
+
+
+def k8s_grid(tmp_path: Path, glue_dir: Path, teacher: Path, tracking_uri: str | None, **cluster: Any) -> Path:
+    """A 2-trial tiny grid (the RTE job of jobkit) with BASE as its cluster block (plus `cluster` changes)."""
+    from jobkit import tiny_job, write_yaml
+
+    job = tiny_job(glue_dir, teacher, tmp_path / "unused")
+    del job["output"]
+    grid = {"job": job, "sweep": {"space": {"training.learning_rate": {"grid": [1e-4, 3e-4]}}},
+            "cluster": {**copy.deepcopy(BASE), **cluster},
+            "mlflow": {"experiment": "k8s", "registered_model": "k8s-student",
+                       **({"tracking_uri": tracking_uri} if tracking_uri else {})},
+            "root": str(tmp_path / "sweeps")}
+    return write_yaml(tmp_path / "k8s.yaml", grid)
+
+
+def _closed_port_uri() -> str:
+    from jobs.distributed import free_port
+
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens: `status` must not wait on it
+
+
+def test_submit_of_a_grid_ships_the_sweep_and_follows_the_rayjob(api, tmp_path, glue_dir, tiny_teacher):
+    from kubernetes import client
+
+    from cluster.kubernetes.sweeps import Sweeps
+    from orchestrator.driver import bootstrap_sweep, load_grid_of
+    from orchestrator.grid import load_grid
+    from orchestrator.state import SweepDir
+    from orchestrator.submit import create_sweep
+
+    uri = _closed_port_uri()
+    grid_file = k8s_grid(tmp_path, glue_dir, tiny_teacher, uri)
+    grid = load_grid(grid_file)
+    sweep = create_sweep(grid, grid_file)
+    sweeps = Sweeps(api_client=client.ApiClient(client.Configuration(host=api.host)))
+
+    name = sweeps.submit(sweep, grid)
+    assert name == rayjob_name(sweep.sweep_id)
+    (post,) = api.requests
+    body = post["body"]
+    assert_valid(body)  # the CRD schema and KubeRay's rules accept what was sent
+    target = f"/sweeps/{sweep.sweep_id}"
+    assert body["spec"]["entrypoint"] == f"python -m orchestrator.driver {target} --bootstrap-env CKD_SWEEP_RECORD"
+    env_vars = yaml.safe_load(body["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert env_vars["MLFLOW_TRACKING_URI"] == uri and env_vars["CKD_CACHE_DIR"] == f"{target}/cache"
+    assert sweep.state()["backend"] == {"backend": "kubernetes", "job_id": name, "namespace": "ml-sweeps",
+                                        "sweep_dir": target}
+
+    # What the pods' driver builds from the manifest alone is the submitted sweep, and reads the same grid.
+    pvc = SweepDir(tmp_path / "pvc" / sweep.sweep_id)
+    assert bootstrap_sweep(pvc, env_vars["CKD_SWEEP_RECORD"]) is True
+    assert pvc.sweep() == sweep.sweep()
+    assert (pvc.path / "grid.yaml").read_text() == grid_file.read_text()
+    assert load_grid_of(pvc).to_dict() == grid.to_dict()
+
+    with pytest.raises(RayJobExistsError, match="submitted before"):
+        sweeps.submit(sweep, grid)
+
+    line, implied = sweeps.describe(sweep)
+    assert line == f"RayJob {name} in namespace ml-sweeps: New" and implied is None
+    api.rayjobs[name]["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING",
+                                   "rayClusterName": f"{name}-x7k2p"}
+    assert sweeps.describe(sweep) == (f"RayJob {name} in namespace ml-sweeps: Running/RUNNING", None)
+    assert sweep.state()["status"] == "running"  # the driver's own state.json is on the PVC
+    api.rayjobs[name]["status"] = {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "failed": 3,
+                                   "reason": "DeadlineExceeded", "message": "activeDeadlineSeconds passed"}
+    line, implied = sweeps.describe(sweep)
+    assert implied == "failed"
+    assert line == (f"RayJob {name} in namespace ml-sweeps: Failed/FAILED, 3 failed attempt(s) "
+                    "(DeadlineExceeded activeDeadlineSeconds passed)")
+
+    api.add_pod(f"{name}-submitter", {"job-name": name}, "2026-11-21T10:05:00Z")
+    api.logs[(f"{name}-submitter", None)] = "one\ntwo\nthree\n"
+    assert sweeps.driver_log(sweep, 2) == "two\nthree\n"
+
+    sweeps.cancel(sweep, timeout_s=10)
+    assert api.requests[-2]["method"] == "DELETE" and api.rayjobs == {}
+    assert sweeps.describe(sweep) == (f"RayJob {name} in namespace ml-sweeps: gone (cancelled, or removed "
+                                      "after its TTL)", None)
+    sweeps.cancel(sweep, timeout_s=10)  # nothing left to delete: not an error
+
+
+def test_a_grid_the_pods_cannot_run_is_refused_with_its_key(tmp_path, glue_dir, tiny_teacher):
+    from cluster.kubernetes.sweeps import plan_problems, sweep_manifest
+    from orchestrator.grid import load_grid
+
+    local_store = load_grid(k8s_grid(tmp_path, glue_dir, tiny_teacher, None))  # SQLite on this machine
+    (problem,) = plan_problems(local_store)
+    assert problem.startswith("mlflow.tracking_uri: the pods cannot reach sqlite:///")
+    with pytest.raises(ValueError, match="mlflow.tracking_uri: the pods cannot reach"):
+        sweep_manifest(local_store, SWEEP_ID, record="{}")
+    # ... fine once the containers carry the store's address themselves, which then stays out of runtimeEnvYAML
+    in_cluster = load_grid(k8s_grid(tmp_path, glue_dir, tiny_teacher, None,
+                                    env={"MLFLOW_TRACKING_URI": "http://mlflow.ml-sweeps:5000"}))
+    assert plan_problems(in_cluster) == []
+    manifest = sweep_manifest(in_cluster, SWEEP_ID, record="{}")
+    assert_valid(manifest)
+    assert "MLFLOW_TRACKING_URI" not in yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])["env_vars"]
+    object_store = load_grid(k8s_grid(tmp_path, glue_dir, tiny_teacher, "http://mlflow:5000",
+                                      storage={"uri": "s3://bucket/sweeps"}))
+    assert [p.split(":")[0] for p in plan_problems(object_store)] == ["cluster.storage.uri"]
+
+
+def test_plan_prints_the_rayjob_that_submit_applies(tmp_path, glue_dir, tiny_teacher):
+    from jobkit import cli
+
+    grid_file = k8s_grid(tmp_path, glue_dir, tiny_teacher, None,
+                         env={"MLFLOW_TRACKING_URI": "http://mlflow.ml-sweeps:5000"})
+    out = cli("plan", str(grid_file), timeout=300).stdout
+    text = out.split("RayJob manifest:\n", 1)[1].split("\nplan OK", 1)[0]
+    manifest = yaml.safe_load(text)
+    assert_valid(manifest)
+    assert manifest["spec"]["entrypoint"].endswith("--bootstrap-env CKD_SWEEP_RECORD")
+    assert "CKD_SWEEP_RECORD" in yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])["env_vars"]

@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from slurmkit import processes_with as _processes_with
+from slurmkit import sacct_state as _sacct_state
+from slurmkit import slurm  # noqa: F401  (the session fixture)
+from slurmkit import wait_until as _wait
 
 from cluster.slurm import ClusterSpecError, SlurmClusterSpec, parse_slurm_time
 from cluster.slurm import launcher as launcher_module
@@ -34,12 +38,10 @@ from cluster.slurm.backend import (
 from cluster.slurm.config import OWNED_SBATCH_OPTIONS, normalize_sbatch_key
 from cluster.slurm.launcher import (
     PORT_BLOCK, PORT_RANGE_END, PORT_RANGE_START, NodePorts, RayAllocation, SlurmEnv, allocation_plan, choose_ports,
-    driver_command, driver_env, node_memory, port_block_order, ray_head_command, ray_node_env, ray_temp_dir,
-    ray_worker_command, rendezvous_dir,
+    dashboard_url, driver_command, driver_env, node_memory, port_block_order, ray_head_command, ray_node_env,
+    ray_temp_dir, ray_worker_command, rendezvous_dir,
 )  # fmt: skip
 
-REPO = Path(__file__).resolve().parents[2]
-TESTBED = REPO / "cluster" / "slurm" / "testbed.sh"
 
 
 def spec(**fields: Any) -> SlurmClusterSpec:
@@ -60,6 +62,7 @@ def test_minimal_spec_defaults():
     assert (s.nodes, s.cpus_per_task, s.gpus_per_node, s.signal_delay_s, s.requeue, s.max_timeouts) == (
         1, 2, 0, 120, True, 3)
     assert s.python is None and s.mem is None and s.setup == [] and s.sbatch_extra == {}
+    assert s.ray_dashboard  # Ray Train releases early-stopped trials' workers through the dashboard's State API
     assert s.timeout_min == 240 and s.time_seconds == 4 * 3600
     assert SlurmClusterSpec.from_mapping(s.model_dump(mode="json")) == s  # round trip (sweep.json)
 
@@ -269,6 +272,9 @@ def test_plan_shows_node_commands_without_the_token(tmp_path):
     assert "nodes 1..2 (Ray workers" in text and "orchestrator.driver" in text
     assert f"RAY_AUTH_TOKEN_PATH={tmp_path.resolve() / 's' / 'slurm'}/ray-" in text.replace("'", "")
     assert "RAY_AUTH_TOKEN=" not in text
+    head_ports = NodePorts(port_block_order(0, 0)[0])
+    assert f"--dashboard-port={head_ports.dashboard}" in text  # on by default
+    assert f"CKD_RAY_DASHBOARD_URL='http://<node 0 ip>:{head_ports.dashboard}'" in text
     memory, store = node_memory(8192)
     assert f"--memory={memory}" in text and f"--object-store-memory={store}" in text
 
@@ -291,6 +297,12 @@ def test_head_command_line():
     with_dashboard = ray_head_command(python="p", ports=ports, num_cpus=1, num_gpus=0, temp_dir="/tmp/x",
                                       include_dashboard=True)
     assert "--include-dashboard=true" in with_dashboard and "--dashboard-port=24004" in with_dashboard
+    assert "--dashboard-host=127.0.0.1" in with_dashboard
+    on_cluster = ray_head_command(python="p", ports=ports, num_cpus=1, num_gpus=0, temp_dir="/tmp/x",
+                                  include_dashboard=True, dashboard_host="10.0.0.5")
+    assert "--dashboard-host=10.0.0.5" in on_cluster  # workers on other nodes call its State API
+    assert dashboard_url("10.0.0.5", ports) == "http://10.0.0.5:24004" and dashboard_url(None, ports).startswith(
+        "http://127.0.0.1:")
     assert not any(a.startswith("--node-ip-address") for a in with_dashboard)
 
 
@@ -311,6 +323,10 @@ def test_token_is_passed_by_file_only(tmp_path):
                       stop_file=tmp_path / "stop")
     assert denv["RAY_ADDRESS"] == "h:1" and denv["CKD_SLURM_RESTART"] == "2" and denv["CKD_RAY_NODES"] == "3"
     assert denv["CKD_STOP_FILE"] == str(tmp_path / "stop") and "RAY_AUTH_TOKEN" not in denv
+    assert "CKD_RAY_DASHBOARD_URL" not in denv
+    with_dashboard = driver_env(ray_address="h:1", token_path=tmp_path / "token", job_id=5, restart=0, num_nodes=1,
+                                stop_file=tmp_path / "stop", dashboard="http://h:24004")
+    assert with_dashboard["CKD_RAY_DASHBOARD_URL"] == "http://h:24004"
 
 
 def test_port_blocks():
@@ -486,82 +502,11 @@ if hold and n == 0:
 '''
 
 
-def _sinfo_nodes() -> list[str]:
-    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=30)
-    return sorted(set(out.stdout.split()))
-
-
-def _sinfo_has_gpus() -> bool:
-    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%G"], capture_output=True, text=True, timeout=30)
-    return "gpu:" in out.stdout
-
-
-@pytest.fixture(scope="session")
-def slurm() -> dict[str, Any]:
-    """A running Slurm from cluster/slurm/testbed.sh (started here if needed; idempotent)."""
-    required = os.environ.get("CKD_REQUIRE_SLURM") == "1"
-
-    def unavailable(why: str) -> None:
-        message = f"Slurm cannot be started here: {why}"
-        print(message, file=sys.stderr)
-        if required:
-            pytest.fail(message + " (CKD_REQUIRE_SLURM=1)")
-        pytest.skip(message)
-
-    if os.geteuid() != 0:
-        unavailable("cluster/slurm/testbed.sh needs root")
-    started = time.monotonic()
-    try:
-        out = subprocess.run([str(TESTBED), "start"], capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        unavailable(f"testbed.sh start: {err}")
-    if out.returncode != 0:
-        unavailable(f"testbed.sh start exited {out.returncode}:\n{(out.stdout + out.stderr)[-3000:]}")
-    nodes = _sinfo_nodes()
-    if not nodes:
-        unavailable("sinfo lists no nodes after testbed.sh start")
-    return {"nodes": nodes, "gpus": _sinfo_has_gpus(), "start_s": time.monotonic() - started}
-
-
-def _wait(what: str, check, timeout: float, interval: float = 0.5, on_timeout=None):
-    end = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > end:
-            extra = on_timeout() if on_timeout else ""
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{extra}")
-        time.sleep(interval)
-
-
-def _sacct_state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True,
-                         timeout=30)
-    return out.stdout.strip().splitlines()[-1].split()[0] if out.stdout.strip() else ""
-
-
 def _release_requeued(backend: SlurmBackend, job_id: str, timeout: float = 90) -> None:
     """Wait until the requeued job is PENDING again, then let it start now (Slurm holds it ~2 min)."""
     _wait(f"job {job_id} to be pending after its requeue",
           lambda: backend.status(job_id).slurm_state == "PENDING", timeout)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
-
-
-def _processes_with(marker: str) -> list[str]:
-    """Processes whose environment mentions `marker` (every Ray process and driver of a job inherits
-    RAY_AUTH_TOKEN_PATH, which lies under its sweep directory)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if marker.encode() in (proc / "environ").read_bytes():
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")[:120]
-                found.append(f"{proc.name}: {cmdline!r}")
-        except OSError:
-            continue
-    return found
 
 
 def _command_lines() -> list[bytes]:
@@ -613,11 +558,9 @@ def test_two_node_sweep_job_completes_and_survives_a_requeue(slurm, time_limit_j
     cluster = SlurmClusterSpec.from_mapping({"backend": "slurm", "time": 10, "nodes": nodes, "cpus_per_task": 2,
                                              "gpus_per_node": gpus})
     sweep = tmp_path / "sweep"
-    started = time.monotonic()
     job_id = _submit(backend, sweep, cluster, hold=True)
-    assert time.monotonic() - started < 15, "submit must return at once"
     assert job_id.isdigit()
-    assert backend.status(job_id).state in ("pending", "running")
+    assert backend.status(job_id).state in ("pending", "running")  # submit returned without waiting for the job
     state = json.loads((sweep / "state.json").read_text())
     assert state["backend"]["backend"] == "slurm" and state["backend"]["job_id"] == job_id
     # plan shows exactly what sbatch got
@@ -702,3 +645,65 @@ def test_node_ip_never_advertises_loopback(monkeypatch):
     assert launcher_module._node_ip("lo") is None  # Ray then takes the default route's address
     monkeypatch.setattr(socket, "gethostbyname", lambda name: (_ for _ in ()).throw(OSError("unknown host")))
     assert launcher_module._node_ip("nowhere") is None
+
+
+# ================================================================================ the CLI's Slurm backend
+
+
+def test_describe_job_lines():
+    from cluster.slurm.sweeps import describe_job
+
+    assert describe_job(SlurmJobStatus("12", "RUNNING", nodes="node[1-2]", elapsed="3:10", source="squeue")) == (
+        "Slurm job 12: RUNNING on node[1-2] (elapsed 3:10)")
+    assert describe_job(SlurmJobStatus("13", "PENDING", reason="BeginTime", nodes="", elapsed="0:00",
+                                       source="squeue")) == "Slurm job 13: PENDING (BeginTime) (elapsed 0:00)"
+    assert describe_job(SlurmJobStatus("14", "FAILED", exit_code="3:0", elapsed="00:00:05", nodes="node1",
+                                       source="sacct")) == (
+        "Slurm job 14: FAILED on node1 (elapsed 00:00:05, exit code 3:0)")
+    assert "not known to squeue or sacct" in describe_job(SlurmJobStatus("15", "UNKNOWN"))
+
+
+def test_sweeps_needs_a_recorded_slurm_job(tmp_path):
+    from cluster.slurm.sweeps import Sweeps
+    from orchestrator.state import SweepDir
+
+    sweep = SweepDir(tmp_path / "s")
+    sweep.update_state(status="running", backend={"backend": "local", "pid": 1})
+    with pytest.raises(LookupError, match=r"state.json: no Slurm job recorded under 'backend'"):
+        Sweeps().describe(sweep)
+
+
+def test_describe_implies_the_end_of_a_job_that_ended_behind_the_drivers_back(slurm, tmp_path):
+    """A job killed from outside (scancel) or failing before its driver could record it: `status` gets the
+    sweep status from Slurm; a sweep whose state.json already says how it ended keeps it."""
+    from cluster.slurm.sweeps import Sweeps
+    from orchestrator.state import SweepDir
+
+    def sbatch(command: str) -> str:
+        out = subprocess.run(["sbatch", "--parsable", "-o", str(tmp_path / "%j.out"), "--wrap", command],
+                             capture_output=True, text=True, timeout=30, check=True)
+        return out.stdout.strip().split(";")[0]
+
+    sweeps = Sweeps()
+    cancelled, failed = SweepDir(tmp_path / "cancelled"), SweepDir(tmp_path / "failed")
+    cancelled.update_state(status="running", backend={"backend": "slurm", "job_id": sbatch("sleep 120")})
+    failed.update_state(status="pending", backend={"backend": "slurm", "job_id": sbatch("exit 3")})
+    job = sweeps.job_id(cancelled)
+    _wait("the sleeping job to run", lambda: sweeps.backend.status(job).slurm_state == "RUNNING", 60)
+    line, implied = sweeps.describe(cancelled)
+    assert line.startswith(f"Slurm job {job}: RUNNING on ") and implied is None
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    _wait("the job to be cancelled", lambda: sweeps.backend.status(job).state == "cancelled", 60)
+    line, implied = sweeps.describe(cancelled)
+    assert line.startswith(f"Slurm job {job}: CANCELLED") and implied == "cancelled"
+
+    _wait("the failing job to end", lambda: sweeps.backend.status(sweeps.job_id(failed)).terminal, 60)
+    line, implied = sweeps.describe(failed)
+    assert f"Slurm job {sweeps.job_id(failed)}: FAILED" in line and implied == "failed"
+    failed.update_state(status="failed")
+    assert sweeps.describe(failed)[1] is None
+    # no driver log yet: what Slurm knows instead; once the driver has written its log, the CLI reads that
+    assert sweeps.driver_log(failed, tail=5).startswith(f"(the driver has not started: no {failed.log_file};")
+    failed.log_file.parent.mkdir(parents=True)
+    failed.log_file.write_text("driver output\n")
+    assert sweeps.driver_log(failed, tail=5) is None
