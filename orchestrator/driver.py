@@ -250,19 +250,24 @@ MAX_RECORD_CHARS = 100_000
 
 
 def sweep_record(sweep: SweepDir) -> str:
-    """The sweep's record as one JSON string: what a remote driver needs to create the sweep directory.
+    """The sweep's record as one string: what a remote driver needs to create the sweep directory.
+
+    Base64 of the JSON: Ray expands `$NAME` in a runtime environment's variables, which would rewrite a
+    grid whose comments or values hold a `$` (seen with a `$RAY_AUTH_TOKEN_PATH` in a comment).
 
     Raises:
         ValueError: the record is too large for an environment variable.
     """
+    import base64
     import json
 
     text = json.dumps({"sweep": sweep.sweep(), "grid_yaml": (sweep.path / "grid.yaml").read_text()},
                       separators=(",", ":"))
-    if len(text) > MAX_RECORD_CHARS:
-        raise ValueError(f"the sweep record of {sweep.path} is {len(text):,} characters, more than the "
+    encoded = base64.b64encode(text.encode()).decode("ascii")
+    if len(encoded) > MAX_RECORD_CHARS:
+        raise ValueError(f"the sweep record of {sweep.path} is {len(encoded):,} characters, more than the "
                          f"{MAX_RECORD_CHARS:,} an environment variable can carry; shorten the grid")
-    return text
+    return encoded
 
 
 def bootstrap_sweep(sweep: SweepDir, record_text: str) -> bool:
@@ -275,16 +280,18 @@ def bootstrap_sweep(sweep: SweepDir, record_text: str) -> bool:
     Raises:
         ValueError: the record is not a sweep record, or belongs to another sweep id.
     """
+    import base64
+    import binascii
     import json
 
     from jobs.storage import write_json_atomic
 
     try:
-        record = json.loads(record_text)
+        record = json.loads(base64.b64decode(record_text, validate=True))
         meta, grid_yaml = record["sweep"], record["grid_yaml"]
         shipped_id = meta["sweep_id"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"${RECORD_ENV}: expected the JSON record of a sweep ({{sweep, grid_yaml}}): "
+    except (ValueError, KeyError, TypeError, binascii.Error) as err:
+        raise ValueError(f"${RECORD_ENV}: expected the base64 JSON record of a sweep ({{sweep, grid_yaml}}): "
                          f"{type(err).__name__}: {err}") from None
     if shipped_id != sweep.sweep_id:
         raise ValueError(f"the shipped record is of sweep {shipped_id!r}, but the driver was started on {sweep.path}")

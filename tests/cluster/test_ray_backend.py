@@ -11,6 +11,7 @@ sides, as with a shared file system) and is cancelled mid-run.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -87,7 +88,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
         env.pop(name, None)
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=4", "--num-gpus=0",
                "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
                f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
@@ -155,12 +156,16 @@ def state_of(sweep: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_sweep_runs_on_the_ray_cluster_to_a_registered_champion(tmp_path, glue_dir, tiny_teacher, ray_cluster,
-                                                                  monkeypatch):
+def test_the_quickstart_runs_on_the_ray_cluster_to_a_registered_champion(tmp_path, ray_cluster, monkeypatch):
+    """examples/quickstart_ray.yaml, the quickstart grid with only its cluster block changed; the driver keeps
+    its sweep directory under cluster.sweep_root, away from the submitting side's copy."""
     env = {"CKD_CACHE_DIR": str(tmp_path / "cache"), "RAY_AUTH_TOKEN_PATH": str(ray_cluster.token_file)}
+    subprocess.run([sys.executable, "examples/quickstart_data.py"], cwd=REPO, check=True, capture_output=True)
     remote_root = tmp_path / "on-the-cluster"
-    grid = ray_grid(tmp_path, glue_dir, tiny_teacher, ray_cluster.address, sweep_root=str(remote_root))
-    submitted = cli("submit", str(grid), env=env, timeout=300)
+    grid = REPO / "examples" / "quickstart_ray.yaml"
+    overrides = ["--set", f"cluster.address={ray_cluster.address}", "--set", f"cluster.sweep_root={remote_root}",
+                 "--set", f"root={tmp_path / 'sweeps'}"]
+    submitted = cli("submit", str(grid), *overrides, env=env, timeout=300)
     sweep = only_sweep(tmp_path)
     sweep_id = sweep.name
     assert sweep_id in submitted.stdout
@@ -168,7 +173,7 @@ def test_a_sweep_runs_on_the_ray_cluster_to_a_registered_champion(tmp_path, glue
     assert backend == {"backend": "ray", "job_id": sweep_id, "attempt": 1, "address": ray_cluster.address,
                        "sweep_dir": str(remote_root / sweep_id)}
 
-    assert ray_cluster.wait(sweep_id, TERMINAL, timeout=900) == "SUCCEEDED"
+    assert ray_cluster.wait(sweep_id, TERMINAL, timeout=1800) == "SUCCEEDED"
     # The driver built its sweep directory from the shipped record, identical to the submitted one.
     remote = remote_root / sweep_id
     assert json.loads((remote / "sweep.json").read_text()) == json.loads((sweep / "sweep.json").read_text())
@@ -177,13 +182,13 @@ def test_a_sweep_runs_on_the_ray_cluster_to_a_registered_champion(tmp_path, glue
     assert "parent_run_id" not in state_of(sweep)  # the submitting side's copy knows nothing yet ...
 
     store = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
-    runs = store.search_runs([store.get_experiment_by_name("tiny-ray").experiment_id])
+    runs = store.search_runs([store.get_experiment_by_name("quickstart").experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("ckd.role") == "sweep"]
     children = [r for r in runs if r.data.tags.get("ckd.role") == "trial"]
     assert parent.data.tags["ckd.sweep_id"] == sweep_id and parent.info.status == "FINISHED"
-    assert len(children) == 2 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
-    assert sorted(float(c.data.params["trial.training.learning_rate"]) for c in children) == [1e-4, 3e-4]
-    version = store.get_model_version_by_alias("tiny-ray-student", "champion")
+    assert len(children) == 4 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert len({c.data.tags["ckd.trial_label"] for c in children}) == 4  # CKD / logit KD x 2 / 1 layers
+    version = store.get_model_version_by_alias("quickstart", "champion")
     assert version.tags["ckd.sweep_id"] == sweep_id
     best = max(c.data.metrics["best/accuracy"] for c in children)
     assert store.get_run(version.run_id).data.metrics["best/accuracy"] == best
@@ -197,7 +202,7 @@ def test_a_sweep_runs_on_the_ray_cluster_to_a_registered_champion(tmp_path, glue
     logs = cli("logs", sweep_id, "--tail", "30", env=env).stdout
     assert f"sweep {sweep_id} finished" in logs and len(logs.splitlines()) <= 30
     best_out = cli("best", sweep_id, env=env).stdout
-    assert "models:/tiny-ray-student@champion" in best_out
+    assert "models:/quickstart@champion" in best_out
 
     # The token authenticates the requests only: it is in no output, no state and not in the job itself.
     for text in (submitted.stdout, submitted.stderr, status, logs, (sweep / "state.json").read_text(),
@@ -208,7 +213,7 @@ def test_a_sweep_runs_on_the_ray_cluster_to_a_registered_champion(tmp_path, glue
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(ray_cluster.token_file))
     (sweep / "state.json").write_text(json.dumps({**state_of(sweep), "backend": {}}))
     with pytest.raises(RayBackendError, match="exists already"):
-        Sweeps().submit(SweepDir(sweep), load_grid(grid))
+        Sweeps().submit(SweepDir(sweep), load_grid(grid, [o for o in overrides if o != "--set"]))
 
 
 @pytest.mark.slow
@@ -287,7 +292,7 @@ def test_the_token_is_read_the_ray_ways_in_order(tmp_path):
 def _sweep_with_record(tmp_path: Path) -> SweepDir:
     sweep = SweepDir(tmp_path / "here" / "grid-20261121-000000-abcd")
     (sweep.path / "logs").mkdir(parents=True)
-    (sweep.path / "grid.yaml").write_text("job: job.yaml  # as submitted\n")
+    (sweep.path / "grid.yaml").write_text("job: job.yaml  # as submitted from $HOME\n")
     (sweep.path / "sweep.json").write_text(json.dumps({"sweep_id": sweep.sweep_id, "grid_file": "/x/grid.yaml",
                                                        "grid": {"root": "/x/sweeps"}, "created": "now",
                                                        "git_commit": None}))
@@ -308,8 +313,12 @@ def test_the_driver_bootstraps_a_missing_sweep_dir_and_continues_an_existing_one
 
     with pytest.raises(ValueError, match="record is of sweep 'grid-20261121-000000-abcd'"):
         bootstrap_sweep(SweepDir(tmp_path / "there" / "other-id"), record)
-    with pytest.raises(ValueError, match="CKD_SWEEP_RECORD: expected the JSON record"):
-        bootstrap_sweep(SweepDir(tmp_path / "new"), json.dumps({"sweep": {}}))
+    with pytest.raises(ValueError, match="CKD_SWEEP_RECORD: expected the base64 JSON record"):
+        bootstrap_sweep(SweepDir(tmp_path / "new"), base64.b64encode(json.dumps({"sweep": {}}).encode()).decode())
+    with pytest.raises(ValueError, match="CKD_SWEEP_RECORD: expected the base64 JSON record"):
+        bootstrap_sweep(SweepDir(tmp_path / "new"), json.dumps({"sweep": {}}))  # not encoded
+    # `$NAME` in a grid survives the trip: the record holds no `$` for Ray's variable expansion to rewrite.
+    assert "$" not in record and "$HOME" in (there.path / "grid.yaml").read_text()
 
 
 def test_the_driver_entry_refuses_a_missing_record_clearly(tmp_path, capsys, monkeypatch):
