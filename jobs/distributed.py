@@ -52,14 +52,21 @@ def _slurm_env() -> dict[str, str] | None:
     except (OSError, subprocess.CalledProcessError):
         hosts = []
     job_id = int(os.environ.get("SLURM_JOB_ID", "0") or 0)
+    step_id = int(os.environ.get("SLURM_STEP_ID", "0") or 0)
     return {
         "RANK": os.environ["SLURM_PROCID"],
         "WORLD_SIZE": os.environ["SLURM_NTASKS"],
         "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"),
-        "MASTER_ADDR": hosts[0] if hosts else "127.0.0.1",
-        # Derived from the job id so that two jobs sharing a node rendezvous on different ports.
-        "MASTER_PORT": str(20000 + job_id % 20000),
+        "MASTER_ADDR": os.environ.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1"),
+        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(srun_master_port(job_id, step_id)),
     }
+
+
+def srun_master_port(job_id: int, step_id: int) -> int:
+    """The rendezvous port of an srun step: from the job and step ids, so that two jobs, or two steps of one
+    allocation, sharing a node pick different ports; in [12000, 20000), below the port blocks the Slurm
+    backend gives Ray (cluster/slurm/launcher.py) and Linux's ephemeral range."""
+    return 12000 + (job_id * 31 + step_id) % 8000
 
 
 def _pick_device(local_rank: int) -> torch.device:

@@ -187,6 +187,8 @@ def print_plan(grid: Any, problems: list[str], console: Console | None = None) -
         sweep_dir = grid.sweep_root / "<sweep-id>"
         console.print("sbatch script:")
         _verbatim(SlurmBackend().sbatch_script(sweep_dir, grid.cluster))
+        console.print("what the nodes run inside the allocation:")
+        _verbatim(SlurmBackend.node_commands(sweep_dir, grid.cluster))
     if problems:
         console.print("[bold red]problems:[/]")
         for problem in problems:

@@ -197,6 +197,15 @@ def test_grid_reports_slurm_keys_with_lines(tmp_path, glue_dir):
     assert {"cluster.nodes", "cluster.sbatch_extra.p", "cluster.mem"} <= set(issues), str(info.value)
     assert issues["cluster.nodes"].line == 13 and issues["cluster.mem"].line == 15
 
+    # `plan` shows the sbatch script and what each node runs in the allocation, and submits nothing
+    path.write_text(grid)
+    from jobkit import cli
+
+    shown = cli("plan", str(path), check=False, env={"CKD_CACHE_DIR": str(tmp_path / "cache")})
+    assert "#SBATCH --nodes=2" in shown.stdout and "--cpus-per-task=4" in shown.stdout, shown.stdout + shown.stderr
+    assert "(Ray head)" in shown.stdout and "nodes 1..1 (Ray workers" in shown.stdout
+    assert "-m orchestrator.driver" in shown.stdout and not (tmp_path / "sweeps").exists()
+
 
 # ========================================================================================= sbatch script
 

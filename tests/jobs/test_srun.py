@@ -59,3 +59,12 @@ def test_zero2_job_with_two_srun_tasks(slurm, tmp_path, glue_dir, tiny_teacher):
     rows = wait_until("sacct to record the srun step", lambda: [r for r in steps() if r[0].endswith(".0")], 60)
     assert [r[1:] for r in rows] == [["2", "COMPLETED"]], steps()
     assert sacct_state(rows[0][0].split(".")[0]) == "COMPLETED"
+
+
+def test_srun_rendezvous_ports_differ_per_job_and_step_and_avoid_rays_blocks():
+    from cluster.slurm.launcher import PORT_RANGE_START
+    from jobs.distributed import srun_master_port
+
+    ports = {(job, step): srun_master_port(job, step) for job in range(100, 140) for step in range(4)}
+    assert len(set(ports.values())) == len(ports)  # 160 concurrent steps of neighbouring jobs: no clash
+    assert all(1024 < port < PORT_RANGE_START for port in ports.values())
