@@ -67,10 +67,17 @@ class _CKDTerm(Term):
         for i, j in self.layer_map:
             yield student.hidden_states[i], teacher.hidden_states[j], student.mask
 
-    def _layer_sets(self, student: Features, teacher: Features, samples_per_chunk: int = 4):
+    def _layer_sets(self, student: Features, teacher: Features, max_elements: int = 1 << 22):
         """One set per (sample, token) whose members are the token's aligned layers: (b n, L', d),
-        stacked a few samples at a time so the stacked copy stays small."""
-        batch = student.attention_mask.shape[0]
+        stacked as many samples at a time as keep the stacked copy under `max_elements` entries.
+
+        Few large chunks rather than many small ones: each chunk pays a fixed cost (the stacking,
+        and in backward a write into each aligned layer's gradient for the whole batch), and 4M
+        entries (32 MiB in float64) is small next to the models' own activations.
+        """
+        batch, length = student.attention_mask.shape
+        width = max(student.hidden_states[self.layer_map[0][0]].shape[-1], teacher.hidden_states[self.layer_map[0][1]].shape[-1])
+        samples_per_chunk = max(1, max_elements // (length * len(self.layer_map) * width))
         for start in range(0, batch, samples_per_chunk):
             rows = slice(start, start + samples_per_chunk)
             s = torch.stack([student.hidden_states[i][rows] for i, _ in self.layer_map], dim=2)

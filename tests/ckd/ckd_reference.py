@@ -344,7 +344,9 @@ def _unit_differences(x: Tensor, i: int, members: list[int]) -> Tensor:
 def angle_sse_count(s_set: Tensor, t_set: Tensor, valid: list[int], window: int | None):
     """Direct angle relation: per valid vertex i, explicit difference vectors to the valid members
     of its window (|j - i| <= (w - 1) / 2; every valid member when window is None), normalised, and
-    all their inner products. Returns (sum of squared differences, number of (i, j, k))."""
+    all their inner products. Returns (sum of squared differences, normaliser): the number of valid
+    (i, j, k) for the full relation; w^2 per valid vertex for a window (the reference code's
+    `mask.sum()`: its mask is the vertex's bit repeated over the w x w block)."""
     s_set, t_set = s_set.to(F64), t_set.to(F64).detach()
     sse = s_set.new_zeros(())
     count = 0
@@ -359,7 +361,7 @@ def angle_sse_count(s_set: Tensor, t_set: Tensor, valid: list[int], window: int 
         psi_s = us @ us.T
         psi_t = ut @ ut.T
         sse = sse + ((psi_s - psi_t) ** 2).sum()
-        count += len(members) ** 2
+        count += len(members) ** 2 if window is None else window**2
     return sse, count
 
 

@@ -395,18 +395,26 @@ def test_angle_relation_on_a_tight_cluster_with_a_nested_near_pair(window, dtype
 def test_window_counts_only_existing_valid_neighbours_once():
     """Hazard 3 of the reference: clamped edge indices counted twice and padded neighbours counted.
     Window w=5 over 4 valid tokens of 6: vertex 0 sees {0,1,2}, 1 sees {0..3}, 2 sees {0..3},
-    3 sees {1,2,3}; normaliser 9 + 16 + 16 + 9 = 50."""
+    3 sees {1,2,3}; only those members enter the sum, each once. The normaliser is the reference's:
+    w^2 = 25 per valid vertex, 100 (not the 9 + 16 + 16 + 9 = 50 valid triples)."""
     g = torch.Generator().manual_seed(2)
     s = torch.randn(1, 6, 5, generator=g, dtype=torch.float64)
     t = torch.randn(1, 6, 7, generator=g, dtype=torch.float64)
     valid = torch.tensor([[1, 1, 1, 1, 0, 0]], dtype=torch.bool)
-    _, count = CR.angle_relation_sse(s, t, valid, window=5)
-    assert float(count) == 50
-    # a window covering the whole sentence is the full relation
+    sse5, count = CR.angle_relation_sse(s, t, valid, window=5)
+    assert float(count) == 100
+    # Garbage in the padded members changes nothing.
+    s2, t2 = s.clone(), t.clone()
+    s2[0, 4:] = 1e3 * torch.randn(2, 5, generator=g, dtype=torch.float64)
+    t2[0, 4:] = s2[0, 4:, :1].expand(2, 7)
+    sse5b, _ = CR.angle_relation_sse(s2, t2, valid, window=5)
+    assert torch.allclose(sse5, sse5b, rtol=1e-12)
+    # A window covering the whole sentence has the full relation's sum (its normaliser is w^2 per vertex).
     full = CR.angle_relation_sse(s, t, valid, window=None)
+    assert float(full[1]) == 4 * 16
     for w in (7, 11, 21):
         wide = CR.angle_relation_sse(s, t, valid, window=w)
-        assert float(wide[1]) == float(full[1]) == 4 * 16
+        assert float(wide[1]) == 4 * w * w
         assert torch.allclose(wide[0], full[0], rtol=1e-12)
     # the term: windowed relation with garbage in padded neighbours equals the reference
     mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
@@ -415,3 +423,34 @@ def test_window_counts_only_existing_valid_neighbours_once():
     teacher = Features((t, t), mask)
     term = R.build_term("wr_angle", {"window": 5, "layers": "last"}, shape_s, shape_t)
     assert R.rel_err(term(student, teacher, Targets()), R.wr_angle(student, teacher, ((1, 1),), 5)) <= RTOL
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("close_on", ["student", "teacher", "both"])
+def test_angle_relation_blocks_checkpointing_and_close_pairs_on_either_side(window, close_on):
+    """The value and the student's gradient are the direct float64 computation's whichever side has
+    near-coincident members (the teacher's side is computed apart, without a graph), in one block or
+    several, with the student's side checkpointed or not."""
+    g = torch.Generator().manual_seed(23)
+    s = torch.randn(5, 9, 6, generator=g, dtype=torch.float64)
+    t = torch.randn(5, 9, 4, generator=g, dtype=torch.float64) * 3
+    for x, side in ((s, "student"), (t, "teacher")):
+        if close_on in (side, "both"):
+            x[:, 2] = x[:, 1] + 1e-5 * torch.randn(5, x.shape[-1], generator=g, dtype=torch.float64)
+            x[3, 7] = x[3, 6]
+    valid = torch.ones(5, 9, dtype=torch.bool)
+    valid[1, 6:] = False
+    valid[4, 1:] = False
+    want_sse = s.new_zeros(())
+    leaf = s.clone().requires_grad_(True)
+    for k in range(5):
+        e, _ = R.angle_sse_count(leaf[k], t[k], [i for i in range(9) if valid[k, i]], window)
+        want_sse = want_sse + e
+    (want_grad,) = torch.autograd.grad(want_sse, leaf)
+    for block_elements, checkpoint_above in ((1 << 20, 1 << 30), (1 << 20, 0), (1, 0), (1, 1 << 30)):
+        leaf = s.clone().requires_grad_(True)
+        sse, _ = CR.angle_relation_sse(leaf, t, valid, window=window, max_block_elements=block_elements,
+                                       checkpoint_above_elements=checkpoint_above)
+        (grad,) = torch.autograd.grad(sse, leaf)
+        assert abs(float(sse.detach()) - float(want_sse.detach())) <= 1e-9 * float(want_sse.detach())
+        assert torch.allclose(grad, want_grad, rtol=1e-7, atol=1e-9 * float(want_grad.abs().max()))

@@ -6,17 +6,25 @@ is fine-tuned once, by the first job.
 
 Settings, chosen on a 2-core CPU (3 min 40 s for the whole module on an otherwise idle machine):
 3200 training rows (one epoch at batch 32 = 100 steps), the whole SST-2 dev split (872 rows), max
-length 64; teacher: 100 steps, learning rate 2e-4 (dev accuracy 0.82; majority class 0.51); students:
+length 64; teacher: 100 steps, learning rate 2e-4 (dev accuracy 0.821; majority class 0.509); students:
 100 steps, learning rate 2e-4, one evaluation, at the end.
 
-CKD does not beat CE here. Measured at these settings (student seeds 0, 1, 2): CE 0.780 / 0.788 / 0.780,
-CKD 0.768 / 0.778 / 0.773. The `ckd-paper` SST-2 weights (wr_pair 100, wr_angle 1000) make the objective
-CE + 1000 x wr_angle in effect: at the start the weighted angle term is ~14 against CE ~0.55, and its
-gradient on the student's encoder is ~35x CE's (42 vs 1.2), so Adam spends the brief budget matching
-the teacher's token angles rather than learning the task (with layers [0, 1] the student never leaves
-the majority class). Milder weights (the preset's RTE ones) tie CE; so does plain logit KD: a
-2-layer student reaches what it can learn in 100 steps from the labels alone. The comparison is
-therefore marked xfail (strict: it must be revisited when it starts to pass).
+The CKD objective is the `ckd-paper` SST-2 one (CE + logit KD at T = 4 + WR pair x100 + WR angle
+(window 21) + LTR pair + LTR angle) with the WR angle weight at 100 instead of the paper's 1000. The
+paper's weights were tuned for a pretrained 6-layer student trained for four epochs of all of SST-2
+(about 8400 steps); in this 100-step budget the angle term at 1000 outweighs CE about 10 to 1 and
+uses up the student's budget (measured, seed 0, before the window normaliser was aligned with the
+reference's, which halves that term on SST-2: CKD 0.768 against CE 0.780). At 100 the weighted
+relation terms and CE start at comparable values (about 0.5 and 0.44).
+
+CKD still does not beat CE here. Measured at these settings (dev accuracy, student seeds 0 / 1 / 2):
+CE 0.7798 / 0.7878 / 0.7798, CKD 0.7833 / 0.7833 / 0.7729: differences +0.35 / -0.46 / -0.69 points
+(3, 4 and 6 dev rows), a tie at best.
+Logit KD alone and the preset's RTE weights also tied CE in the previous session. A 2-layer student
+learns what it can in 100 steps from the labels alone, and the teacher (0.821) is only 4 points
+above it, so there is little for distillation to add at this budget. The comparison therefore stays
+a strict xfail (it must be revisited when it starts to pass). See docs/objectives.md, "A short
+budget: the real MiniLM run".
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ pytestmark = pytest.mark.slow
 TRAIN_ROWS = 3200
 MAX_LENGTH = 64
 STEPS = 100
-CKD = {"preset": "ckd-paper"}  # task (sst2) taken from task.glue
+# The ckd-paper SST-2 objective (task taken from task.glue) with the angle weight for a short budget.
+CKD = {"preset": "ckd-paper", "terms": {"wr_angle": {"weight": 100}}}
 CE = {"terms": {"ce": {"weight": 1}}}
 FINETUNE_LOG = "fine-tuning teacher"
 
@@ -145,8 +154,10 @@ def test_ckd_student_exports_a_loadable_model(runs, glue_dir):
     assert accuracy_score(gold, np.concatenate(preds)) == pytest.approx(runs.ckd.metrics["summary"]["best/accuracy"])
 
 
-@pytest.mark.xfail(strict=True, reason="measured (seed 0): CKD 0.768 < CE 0.780; the ckd-paper SST-2 weights "
-                                       "(wr_angle 1000) swamp CE for a 2-layer student in 100 steps (module doc)")
+@pytest.mark.xfail(strict=True, reason="measured (seeds 0, 1, 2): CKD 0.7833 / 0.7833 / 0.7729 vs CE 0.7798 / "
+                                       "0.7878 / 0.7798, a tie at best; "
+                                       "a 2-layer student gains nothing measurable from distillation in 100 steps "
+                                       "(module doc)")
 def test_ckd_student_beats_the_same_student_trained_with_ce_alone(runs):
     ckd = runs.ckd.metrics["summary"]["best/accuracy"]
     ce = runs.ce.metrics["summary"]["best/accuracy"]
