@@ -30,6 +30,23 @@ def tiny_job(glue_dir: Path, teacher: Path, out_dir: Path, **sections: dict) -> 
     return job
 
 
+def sweep_base_job(glue_dir: Path, teacher: Path, *, epochs: int, log_every_steps: int) -> dict:
+    """`tiny_job` as a grid's base job: trained by epochs (what ASHA counts and evaluations follow), its
+    output directory left to the sweep (one per trial)."""
+    job = tiny_job(glue_dir, teacher, Path("unused"), training={"epochs": epochs, "batch_size": 8,
+                                                               "log_every_steps": log_every_steps})
+    job["training"].pop("max_steps")
+    job["training"].pop("eval_every_steps")
+    del job["output"]
+    return job
+
+
+def only_sweep(root: Path) -> Path:
+    """The one sweep directory under a grid's root."""
+    (sweep,) = [p for p in root.iterdir() if (p / "sweep.json").is_file()]
+    return sweep
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from cluster.ray import RayBackendError, Sweeps, auth_headers, read_token
-from jobkit import REPO, cli, tiny_job, write_yaml
+from jobkit import REPO, cli, only_sweep, sweep_base_job, write_yaml
 from jobs.distributed import free_port
 from orchestrator.driver import bootstrap_sweep, sweep_record
 from orchestrator.grid import load_grid
@@ -129,11 +129,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
 def ray_grid(tmp_path: Path, glue_dir: Path, teacher: Path, address: str, *, epochs: int = 1,
              **cluster: object) -> Path:
     """Two trials (two learning rates) of the tiny RTE job, one worker each, on the Ray cluster at `address`."""
-    job = tiny_job(glue_dir, teacher, tmp_path / "unused", training={"epochs": epochs, "batch_size": 8,
-                                                                     "log_every_steps": 4})
-    job["training"].pop("max_steps")
-    job["training"].pop("eval_every_steps")
-    del job["output"]
+    job = sweep_base_job(glue_dir, teacher, epochs=epochs, log_every_steps=4)
     grid = {"job": job,
             "sweep": {"space": {"training.learning_rate": {"grid": [1e-4, 3e-4]}},
                       "resources": {"workers": 1, "cpus_per_worker": 1}},
@@ -141,11 +137,6 @@ def ray_grid(tmp_path: Path, glue_dir: Path, teacher: Path, address: str, *, epo
             "mlflow": {"experiment": "tiny-ray", "registered_model": "tiny-ray-student"},
             "root": str(tmp_path / "sweeps")}
     return write_yaml(tmp_path / "tiny_ray.yaml", grid)
-
-
-def only_sweep(tmp_path: Path) -> Path:
-    (sweep,) = [p for p in (tmp_path / "sweeps").iterdir() if (p / "sweep.json").is_file()]
-    return sweep
 
 
 def state_of(sweep: Path) -> dict:
@@ -166,7 +157,7 @@ def test_the_quickstart_runs_on_the_ray_cluster_to_a_registered_champion(tmp_pat
     overrides = ["--set", f"cluster.address={ray_cluster.address}", "--set", f"cluster.sweep_root={remote_root}",
                  "--set", f"root={tmp_path / 'sweeps'}"]
     submitted = cli("submit", str(grid), *overrides, env=env, timeout=300)
-    sweep = only_sweep(tmp_path)
+    sweep = only_sweep(tmp_path / "sweeps")
     sweep_id = sweep.name
     assert sweep_id in submitted.stdout
     backend = state_of(sweep)["backend"]
@@ -221,7 +212,7 @@ def test_cancel_stops_the_ray_job_and_marks_the_sweep_cancelled(tmp_path, glue_d
     env = {"CKD_CACHE_DIR": str(tmp_path / "cache"), "RAY_AUTH_TOKEN_PATH": str(ray_cluster.token_file)}
     grid = ray_grid(tmp_path, glue_dir, tiny_teacher, ray_cluster.address, epochs=20)
     cli("submit", str(grid), env=env, timeout=300)
-    sweep = only_sweep(tmp_path)
+    sweep = only_sweep(tmp_path / "sweeps")
     sweep_id = sweep.name
     ray_cluster.wait(sweep_id, ("RUNNING",), timeout=120)
     # The directory is the same on both sides here: the driver's own progress shows in it. Cancel once Tune

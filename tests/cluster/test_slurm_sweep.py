@@ -23,7 +23,7 @@ from typing import Any
 
 import mlflow
 import pytest
-from jobkit import cli, tiny_job, write_yaml
+from jobkit import cli, sweep_base_job, write_yaml
 from slurmkit import processes_with, queued_job_ids, release_now, sacct_state, slurm, wait_until  # noqa: F401
 
 from cluster.slurm.backend import SlurmBackend
@@ -33,11 +33,7 @@ pytestmark = pytest.mark.slow
 
 def slurm_grid(glue_dir: Path, teacher: Path, tmp_path: Path, name: str, cluster: dict[str, Any],
                epochs: int) -> Path:
-    job = tiny_job(glue_dir, teacher, tmp_path / "unused", training={"epochs": epochs, "batch_size": 8,
-                                                                     "log_every_steps": 8})
-    job["training"].pop("max_steps")
-    job["training"].pop("eval_every_steps")
-    del job["output"]
+    job = sweep_base_job(glue_dir, teacher, epochs=epochs, log_every_steps=8)
     grid = {"job": job,
             "sweep": {"space": {"training.learning_rate": {"grid": [1e-4, 3e-4]}},
                       # 2 x 1.5 CPUs: two workers never fit one 2-CPU node

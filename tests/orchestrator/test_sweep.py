@@ -15,17 +15,13 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from jobkit import cli, tiny_job, write_yaml
+from jobkit import cli, only_sweep, sweep_base_job, write_yaml
 
 pytestmark = pytest.mark.slow
 
 
 def tiny_grid(glue_dir: Path, teacher: Path, tmp_path: Path, learning_rates: list[float], **sweep: dict) -> Path:
-    job = tiny_job(glue_dir, teacher, tmp_path / "unused", training={"epochs": 2, "batch_size": 8,
-                                                                     "log_every_steps": 4})
-    job["training"].pop("max_steps")
-    job["training"].pop("eval_every_steps")
-    del job["output"]
+    job = sweep_base_job(glue_dir, teacher, epochs=2, log_every_steps=4)
     grid = {"job": job,
             "sweep": {"space": {"training.learning_rate": {"grid": learning_rates}},
                       "resources": {"workers": 2, "cpus_per_worker": 1}, **sweep},
@@ -35,17 +31,12 @@ def tiny_grid(glue_dir: Path, teacher: Path, tmp_path: Path, learning_rates: lis
     return write_yaml(tmp_path / "tiny.yaml", grid)
 
 
-def only_sweep(tmp_path: Path) -> Path:
-    (sweep,) = [p for p in (tmp_path / "sweeps").iterdir() if (p / "sweep.json").is_file()]
-    return sweep
-
-
 def test_sweep_with_asha_registers_and_pulls_the_champion(tmp_path, glue_dir, tiny_teacher):
     env = {"CKD_CACHE_DIR": str(tmp_path / "cache")}
     grid = tiny_grid(glue_dir, tiny_teacher, tmp_path, [3e-3, 1e-4, 1e-6],
                      scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2})
     cli("submit", str(grid), env=env, timeout=1500)
-    sweep = only_sweep(tmp_path)
+    sweep = only_sweep(tmp_path / "sweeps")
     state = json.loads((sweep / "state.json").read_text())
     assert state["status"] == "finished"
 
