@@ -19,8 +19,16 @@ Where the time goes: every step is split into phases (teacher forward, student f
 backward, optimizer), and afterwards each objective's loss is timed alone (forward and forward +
 backward on detached feature copies, so no model is involved), term by term for CKD.
 
+Two scales. The default is the toy pair the tests train (the packaged all-MiniLM-L6-v2 teacher, a
+2-layer student cut from it), where the student is so small that the relation terms weigh most.
+``--teacher-shape bert-large`` builds a BERT-large-shaped teacher (24 layers, width 1024, 16 heads)
+from its config with random weights, the teacher size users distil from; a step's time does not depend
+on the weights' values, and the Hub (where the real checkpoint lives) is not needed. Its vocabulary is
+the packaged tokenizer's (BERT uncased, 30522 ids).
+
 Usage: python benchmarks/distill_step.py [--steps 20] [--batch-size 32] [--seq-len 128]
-       [--device cpu|cuda] [--teacher package:all-MiniLM-L6-v2] [--student-layers 0 5] [--json OUT]
+       [--device cpu|cuda] [--teacher package:all-MiniLM-L6-v2] [--teacher-shape bert-large]
+       [--student-layers 0 5] [--json OUT]
 """
 
 from __future__ import annotations
@@ -52,6 +60,9 @@ from jobs.models import (  # noqa: E402
     model_shape,
     student_from_teacher,
 )
+
+# Teacher shapes buildable from a config (layers, width, heads, FFN width), as in the published checkpoints.
+TEACHER_SHAPES = {"bert-base": (12, 768, 12, 3072), "bert-large": (24, 1024, 16, 4096)}
 
 PHASES = ("teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer")
 
@@ -187,6 +198,15 @@ def loss_breakdown(runner: Runner, batch, labels, clock: Clock, repeats: int) ->
     return rows
 
 
+def shaped_teacher(shape: str, vocab_size: int, num_labels: int, problem: str) -> torch.nn.Module:
+    layers, width, heads, ffn = TEACHER_SHAPES[shape]
+    config = transformers.BertConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
+                                     num_attention_heads=heads, intermediate_size=ffn, num_labels=num_labels,
+                                     problem_type=problem)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval().requires_grad_(False)
+
+
 def p90(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
@@ -195,8 +215,12 @@ def p90(values: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="package:all-MiniLM-L6-v2", help="Hub id, directory or package:<alias>")
-    parser.add_argument("--student-layers", type=int, nargs="+", default=[0, 5],
-                        help="0-based teacher layers the student copies (default: a 2-layer student)")
+    parser.add_argument("--teacher-shape", choices=sorted(TEACHER_SHAPES),
+                        help="build a teacher of this shape from its config (random weights; --teacher then "
+                             "only supplies the tokenizer)")
+    parser.add_argument("--student-layers", type=int, nargs="+",
+                        help="0-based teacher layers the student copies (default: the first and last of a "
+                             "6-layer teacher, 6 evenly spaced layers of a deeper one)")
     parser.add_argument("--task", default="rte", choices=sorted(CKD_PAPER_TASKS),
                         help="GLUE task of the ckd-paper preset (weights, temperature, learning rate)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -222,9 +246,17 @@ def main() -> None:
     num_labels = 1 if args.task == "stsb" else 2
     problem = "regression" if args.task == "stsb" else "single_label_classification"
     names = ["score"] if num_labels == 1 else ["label_0", "label_1"]
-    teacher = load_teacher(args.teacher, num_labels=num_labels, label_names=names, problem_type=problem).to(device)
-    student = student_from_teacher(teacher, layers=args.student_layers, seed=0)
     tokenizer = load_tokenizer(args.teacher)
+    if args.teacher_shape:
+        teacher = shaped_teacher(args.teacher_shape, len(tokenizer), num_labels, problem).to(device)
+        teacher_name = f"{args.teacher_shape}-shaped (random weights)"
+    else:
+        teacher = load_teacher(args.teacher, num_labels=num_labels, label_names=names, problem_type=problem).to(device)
+        teacher_name = args.teacher
+    if args.student_layers is None:
+        depth = teacher.config.num_hidden_layers
+        args.student_layers = [0, depth - 1] if depth <= 6 else [round((i + 1) * depth / 6) - 1 for i in range(6)]
+    student = student_from_teacher(teacher, layers=args.student_layers, seed=0)
     batch = {k: v.to(device) for k, v in latency_batch(tokenizer, args.batch_size, args.seq_len).items()}
     generator = torch.Generator().manual_seed(1)
     if num_labels == 1:
@@ -240,7 +272,7 @@ def main() -> None:
     t_shape, s_shape = model_shape(teacher), model_shape(student)
     ckd_terms = ", ".join(f"{n} x{t.weight:g}" for n, t in runners[-1].objective.terms.items())
     print(f"machine: {machine(device, args.threads)}")
-    print(f"device: {device}; teacher {args.teacher} ({t_shape.num_layers} layers, width {t_shape.hidden_size}, "
+    print(f"device: {device}; teacher {teacher_name} ({t_shape.num_layers} layers, width {t_shape.hidden_size}, "
           f"{count_parameters(teacher) / 1e6:.1f}M params, {getattr(teacher.config, '_attn_implementation', '?')} attention); "
           f"student layers {args.student_layers} ({s_shape.num_layers} layers, "
           f"{count_parameters(student) / 1e6:.1f}M params)")

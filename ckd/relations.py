@@ -164,16 +164,55 @@ def _window_members(m: int, window: int, device: torch.device) -> tuple[Tensor, 
     return idx.clamp(0, m - 1), inside
 
 
-def _window_block(side: _AngleSide, inv: Tensor, idx: Tensor, inside: Tensor) -> Tensor:
-    """psi_ijk for the (w x w) members of each vertex's window: (N, m, w, w), 0 where a member is
-    absent. Clamped indices at the edges point at real members, but their inverse distance is zeroed
-    through `inside`, so no position is ever counted twice."""
+def _window_factors(side: _AngleSide, inv: Tensor, idx: Tensor, inside: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The pieces of psi_ijk = (G_jk - p_ij - p_ik) s_ij s_ik over each vertex's (w x w) window:
+    G_jk (N, m, w, w), p_ij = G_ij - G_ii / 2 and s_ij = 1 / ||r_j - r_i|| (N, m, w each), s = 0 where
+    a member is absent. Clamped indices at the edges point at real members, but their inverse
+    distance is zeroed through `inside`, so no position is ever counted twice."""
     gram = side.gram
     rows = torch.arange(gram.shape[-1], device=gram.device)[:, None]
-    g_jk = gram[:, idx[:, :, None], idx[:, None, :]]  # (N, m, w, w)
-    p = (gram - 0.5 * gram.diagonal(dim1=-2, dim2=-1)[..., :, None])[:, rows, idx]  # (N, m, w)
+    g_jk = gram[:, idx[:, :, None], idx[:, None, :]]
+    p = (gram - 0.5 * gram.diagonal(dim1=-2, dim2=-1)[..., :, None])[:, rows, idx]
     s = inv[:, rows, idx] * inside
+    return g_jk, p, s
+
+
+def _window_block(side: _AngleSide, inv: Tensor, idx: Tensor, inside: Tensor) -> Tensor:
+    """psi_ijk for the (w x w) members of each vertex's window: (N, m, w, w), 0 where a member is absent."""
+    g_jk, p, s = _window_factors(side, inv, idx, inside)
     return (g_jk - p[..., :, None] - p[..., None, :]) * s[..., :, None] * s[..., None, :]
+
+
+class _WindowSSE(torch.autograd.Function):
+    """sum_ijk ((G_jk - p_ij - p_ik) s_ij s_ik - T_ijk)^2 with a hand-written backward.
+
+    The (N, m, w, w) block is the largest tensor of the window angle, and autograd's chain of
+    elementwise ops over it (about ten passes forward and twenty backward) cost more than the Gram
+    products. Here the forward makes four passes and keeps the block's error and its E = G_jk - p_ij -
+    p_ik, and the backward makes four more, using that both are symmetric in (j, k).
+    """
+
+    @staticmethod
+    def forward(ctx, g_jk: Tensor, p: Tensor, s: Tensor, target: Tensor) -> Tensor:
+        e = g_jk - p[..., :, None]
+        e -= p[..., None, :]
+        diff = e * s[..., :, None]
+        diff *= s[..., None, :]
+        diff -= target
+        ctx.save_for_backward(e, diff, s)
+        flat = diff.reshape(-1)
+        return torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        e, diff, s = ctx.saved_tensors
+        # d sse / d psi_jk = 2 diff_jk; psi_jk = E_jk s_j s_k.
+        scaled = diff * (2.0 * grad)
+        ds = 2.0 * (scaled * e).matmul(s[..., :, None])[..., 0] if ctx.needs_input_grad[2] else None
+        scaled *= s[..., :, None]
+        scaled *= s[..., None, :]  # d sse / d G_jk
+        dp = -2.0 * scaled.sum(-1) if ctx.needs_input_grad[1] else None
+        return scaled, dp, ds, None
 
 
 class _TeacherAngles:
@@ -215,7 +254,7 @@ def _angle_block_sse(s_raw: Tensor, valid: Tensor, allowed: Tensor, teacher: _Te
             rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
             keep = (~student.close[:, rows, idx]).to(t_block.dtype)  # (N, m, w)
             t_block = t_block * keep[..., :, None] * keep[..., None, :]
-        far_sse = (_window_block(student, cs, idx, inside) - t_block).square().sum()
+        far_sse = _WindowSSE.apply(*_window_factors(student, cs, idx, inside), t_block)
     if not any_close:
         return far_sse
     return far_sse + _close_pairs_sse(student, t_side, allowed, close)

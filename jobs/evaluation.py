@@ -36,10 +36,12 @@ def prepare_data(spec: Any, tokenizer: Any, *, is_main: bool = True) -> DatasetD
     return data
 
 
-def load_job_data(spec: Any, tokenizer: Any) -> DatasetDict:
-    """The job's tokenised splits in this process alone (no coordination with other ranks)."""
+def load_job_data(spec: Any, tokenizer: Any, *, for_teacher: bool = False) -> DatasetDict:
+    """The job's tokenised splits in this process alone (no coordination with other ranks); with
+    `for_teacher`, the training rows the teacher is fine-tuned on."""
     task = spec.task
-    raw = load_task_dataset(task.source(), max_train_examples=task.max_train_examples,
+    rows = spec.teacher_train_examples() if for_teacher else task.max_train_examples
+    raw = load_task_dataset(task.source(), max_train_examples=rows,
                             max_eval_examples=task.max_eval_examples, subset_seed=task.subset_seed)
     return tokenize_dataset(raw, tokenizer, task.task_info(), max_length=task.max_length,
                             cache_dir=cache_root() / "tokenized")

@@ -419,6 +419,11 @@ class FinetuneSpec(_Strict):
     max_steps: int | None = Field(None, ge=1, description="overrides epochs")
     seed: int = 42
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    # A teacher trained on more labelled rows than its students see (e.g. the whole split, while a
+    # sweep distils on a subset): the setting in which distillation pays most. The rows are the first
+    # N (or task.subset_seed's sample) of the same training split.
+    max_train_examples: int | None = Field(None, ge=1, description="training rows for the teacher "
+                                                                   "(default: task.max_train_examples)")
 
 
 class TeacherSpec(_Strict):
@@ -661,6 +666,13 @@ class JobSpec(_Strict):
         """The objective's terms with the preset expanded ({name: {kind, options...}})."""
         return ckd.resolve_terms(self.objective)
 
+    def teacher_train_examples(self) -> int | None:
+        """Training rows the teacher is fine-tuned on (None: all)."""
+        ft = self.teacher.finetune
+        if ft is not None and ft.max_train_examples is not None:
+            return ft.max_train_examples
+        return self.task.max_train_examples
+
     def teacher_cache_key(self) -> str:
         """Hex digest of everything that determines the (fine-tuned) teacher: its source, the fine-tuning
         settings (incl. seed), the task's data (source, fields, labels, row selection; local files by
@@ -672,11 +684,12 @@ class JobSpec(_Strict):
         elif Path(source).is_absolute():
             source = {"local": _files_fingerprint(p for p in Path(source).iterdir() if p.is_file())}
         info = self.task.task_info()
+        ft = self.teacher.finetune
         payload = {
             "version": _TEACHER_CACHE_VERSION,
             "teacher": source,
-            "finetune": None if self.teacher.finetune is None else self.teacher.finetune.model_dump(mode="json"),
-            "data": self.task._data_identity(),
+            "finetune": None if ft is None else ft.model_dump(mode="json", exclude={"max_train_examples"}),
+            "data": {**self.task._data_identity(), "max_train_examples": self.teacher_train_examples()},
             "labels": list(info.label_names),
             "regression": info.is_regression,
         }

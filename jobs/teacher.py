@@ -66,7 +66,7 @@ def finetune_teacher(spec: Any, out: Path, *, device: torch.device) -> dict[str,
     task = spec.task.task_info()
     problem = PROBLEM_TYPES[1] if task.is_regression else PROBLEM_TYPES[0]
     tokenizer = load_tokenizer(spec.teacher.source)
-    data = load_job_data(spec, tokenizer)
+    data = load_job_data(spec, tokenizer, for_teacher=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ft.seed)  # the fresh classifier head and dropout: part of the cache key
         model = load_teacher(spec.teacher.source, task.num_labels, task.label_names, problem)
@@ -76,7 +76,8 @@ def finetune_teacher(spec: Any, out: Path, *, device: torch.device) -> dict[str,
         total = ft.max_steps or ft.epochs * steps_per_epoch
         optimizer = torch.optim.AdamW(model.parameters(), lr=ft.learning_rate, weight_decay=0.01)
         schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(ft.warmup_ratio * total), total)
-        log.info("fine-tuning teacher %s on %s: %d steps", spec.teacher.source, task.name, total)
+        log.info("fine-tuning teacher %s on %s: %d steps over %d training rows", spec.teacher.source, task.name,
+                 total, len(data["train"]))
         step, start = 0, time.perf_counter()
         epoch = 0
         while step < total:
@@ -100,7 +101,8 @@ def finetune_teacher(spec: Any, out: Path, *, device: torch.device) -> dict[str,
     log.info("fine-tuned teacher dev metrics: %s", metrics)
     model.eval().requires_grad_(False)
     export_student(model, tokenizer, out, task.label_names, overwrite=True)
-    (out / METRICS_FILE).write_text(json.dumps({"steps": total, "seconds": time.perf_counter() - start,
+    (out / METRICS_FILE).write_text(json.dumps({"steps": total, "train_rows": len(data["train"]),
+                                                "seconds": time.perf_counter() - start,
                                                 **metrics}, indent=1))
     return metrics
 

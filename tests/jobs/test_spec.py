@@ -366,8 +366,13 @@ def test_teacher_cache_key(job_dir):
         assert load_job_spec(path, [same], env={}).teacher_cache_key() == key, same
     # Things that do change it.
     for different in ("teacher.finetune.seed=1", "teacher.finetune.learning_rate=1e-5", "task.max_length=64",
-                      "task.max_train_examples=100", "teacher.finetune.max_steps=10", "task.subset_seed=0"):
+                      "task.max_train_examples=100", "teacher.finetune.max_steps=10", "task.subset_seed=0",
+                      "teacher.finetune.max_train_examples=100"):
         assert load_job_spec(path, [different], env={}).teacher_cache_key() != key, different
+    # The key follows the rows the teacher trains on: students on fewer rows share the same teacher.
+    fewer = load_job_spec(path, ["task.max_train_examples=50", "teacher.finetune.max_train_examples=200"], env={})
+    assert fewer.teacher_train_examples() == 200 and fewer.task.max_train_examples == 50
+    assert fewer.teacher_cache_key() == key
     # Edited data changes it; the same data in another directory does not.
     other = job_dir / "copy"
     other.mkdir()
