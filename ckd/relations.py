@@ -22,11 +22,38 @@ def relation_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float32
 
 
+class _SelfGram(torch.autograd.Function):
+    """x x^T, whose backward is one contiguous product (g + g^T) x.
+
+    Autograd's own backward of `x @ x.transpose(-1, -2)` returns the transposed operand's gradient as a
+    transposed (strided) view, and every elementwise op of the backward that follows it (the norm's
+    division, the centring) then walks memory with a stride of a whole row: up to twice the time of
+    the whole relation on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x @ x.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return (grad + grad.transpose(-1, -2)) @ x
+
+
+def self_gram(x: Tensor) -> Tensor:
+    """Gram matrix x x^T of each set's members: (N, m, d) -> (N, m, m)."""
+    return _SelfGram.apply(x) if torch.is_grad_enabled() and x.requires_grad else x @ x.transpose(-1, -2)
+
+
 def cosine_matrix(x: Tensor, dtype: torch.dtype) -> Tensor:
     """Pairwise cosine similarities (N, m, m) of the members of each set."""
-    x = x.to(dtype)
-    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    return unit @ unit.transpose(-1, -2)
+    # Normalised after the Gram product, G_ij / (|x_i| |x_j|): the same values as normalising the rows
+    # first, without the (N, m, d) elementwise work, which dominates the backward when m is small (LTR).
+    gram = self_gram(x.to(dtype))
+    inv_norm = gram.diagonal(dim1=-2, dim2=-1).clamp_min(_EPS * _EPS).rsqrt()
+    return gram * inv_norm[..., :, None] * inv_norm[..., None, :]
 
 
 def masked_log_softmax(scores: Tensor, allowed: Tensor) -> Tensor:
@@ -47,10 +74,31 @@ def masked_row_kl(teacher_scores: Tensor, student_scores: Tensor, allowed: Tenso
     Returns:
         A scalar: the KL summed over every row that has at least one allowed column.
     """
-    log_p = masked_log_softmax(teacher_scores, allowed)
-    log_q = masked_log_softmax(student_scores, allowed)
-    p = torch.where(allowed, log_p.exp(), torch.zeros_like(log_p))
-    return (p * (log_p - log_q)).sum()
+    with torch.no_grad():
+        log_p = masked_log_softmax(teacher_scores.detach(), allowed)
+        p = torch.where(allowed, log_p.exp(), torch.zeros_like(log_p))
+    if torch.is_grad_enabled() and student_scores.requires_grad:
+        return _RowKL.apply(student_scores, log_p, p, allowed)
+    return (p * (log_p - masked_log_softmax(student_scores, allowed))).sum()
+
+
+class _RowKL(torch.autograd.Function):
+    """sum KL(p || softmax_allowed(z)) for fixed teacher rows p, with the closed-form gradient
+    q - p on allowed entries (every row of p with an allowed column sums to 1): one pass in backward
+    instead of autograd's chain through the masks and the softmax."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, log_p: Tensor, p: Tensor, allowed: Tensor) -> Tensor:
+        log_q = torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        # Rows without an allowed column are all -inf (NaN after log_softmax); `where` drops them.
+        kl = torch.where(allowed, p * (log_p - log_q), torch.zeros_like(log_q)).sum()
+        ctx.save_for_backward(log_q, p, allowed)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        log_q, p, allowed = ctx.saved_tensors
+        return torch.where(allowed, (log_q.exp() - p) * grad, torch.zeros_like(p)), None, None, None
 
 
 def off_diagonal_pairs(valid: Tensor) -> Tensor:
@@ -92,7 +140,7 @@ class _AngleSide:
         weights = valid.to(torch.float64)[..., None]
         mean = (x64 * weights).sum(-2, keepdim=True) / weights.sum(-2, keepdim=True).clamp_min(1.0)
         centred = (x64 - mean) * weights
-        self.gram = centred @ centred.transpose(-1, -2)
+        self.gram = self_gram(centred)
         diag = self.gram.diagonal(dim1=-2, dim2=-1)
         norms = diag[..., :, None] + diag[..., None, :]
         sq_dist = (norms - 2.0 * self.gram).clamp_min(0.0)
@@ -305,16 +353,17 @@ def angle_relation_sse(
     needs_grad = torch.is_grad_enabled() and student.requires_grad
     use_checkpoint = needs_grad and n_sets * relation > checkpoint_above_elements
     total = student.new_zeros((), dtype=torch.float64)
-    for start in range(0, n_sets, block):
-        rows = slice(start, start + block)
-        allowed = off_diagonal_pairs(valid[rows])
+    # split, not slicing: the backward of split assembles the blocks' gradients once, where every slice
+    # would write its block into a zero-filled gradient of the whole input.
+    for s_part, t_raw, v_part in zip(student.split(block), teacher.split(block), valid.split(block)):
+        allowed = off_diagonal_pairs(v_part)
         if band is not None:
             allowed = allowed & band
-        t_part = _TeacherAngles(teacher[rows], valid[rows], allowed, window)
+        t_part = _TeacherAngles(t_raw, v_part, allowed, window)
         if use_checkpoint:
-            total = total + checkpoint(_angle_block_sse, student[rows], valid[rows], allowed, t_part, use_reentrant=False)
+            total = total + checkpoint(_angle_block_sse, s_part, v_part, allowed, t_part, use_reentrant=False)
         else:
-            total = total + _angle_block_sse(student[rows], valid[rows], allowed, t_part)
+            total = total + _angle_block_sse(s_part, v_part, allowed, t_part)
     return total, count
 
 
@@ -338,7 +387,7 @@ def squared_distance_matrix(x: Tensor, valid: Tensor) -> Tensor:
     weights = valid.to(torch.float64)[..., None]
     mean = (x * weights).sum(-2, keepdim=True) / weights.sum(-2, keepdim=True).clamp_min(1.0)
     centred = (x - mean) * weights
-    gram = centred @ centred.transpose(-1, -2)
+    gram = self_gram(centred)
     diag = gram.diagonal(dim1=-2, dim2=-1)
     return (diag[..., :, None] + diag[..., None, :] - 2.0 * gram).clamp_min(0.0)
 
@@ -379,8 +428,7 @@ def distance_relation_sum(
 
 def scaled_similarity(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     """x x^T * scale (the attention-style token similarity)."""
-    x = x.to(dtype)
-    return (x @ x.transpose(-1, -2)) * scale
+    return self_gram(x.to(dtype)) * scale
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

@@ -78,12 +78,14 @@ class _CKDTerm(Term):
         batch, length = student.attention_mask.shape
         width = max(student.hidden_states[self.layer_map[0][0]].shape[-1], teacher.hidden_states[self.layer_map[0][1]].shape[-1])
         samples_per_chunk = max(1, max_elements // (length * len(self.layer_map) * width))
-        for start in range(0, batch, samples_per_chunk):
-            rows = slice(start, start + samples_per_chunk)
-            s = torch.stack([student.hidden_states[i][rows] for i, _ in self.layer_map], dim=2)
-            t = torch.stack([teacher.hidden_states[j][rows] for _, j in self.layer_map], dim=2)
+        # split, not slices: each slice's backward would fill a zero gradient of the whole layer.
+        s_chunks = zip(*(student.hidden_states[i].split(samples_per_chunk) for i, _ in self.layer_map))
+        t_chunks = zip(*(teacher.hidden_states[j].split(samples_per_chunk) for _, j in self.layer_map))
+        for s_layers, t_layers, mask in zip(s_chunks, t_chunks, student.mask.split(samples_per_chunk)):
+            s = torch.stack(s_layers, dim=2)
+            t = torch.stack(t_layers, dim=2)
             b, n, layers, _ = s.shape
-            valid = student.mask[rows].reshape(b * n, 1).expand(b * n, layers)
+            valid = mask.reshape(b * n, 1).expand(b * n, layers)
             yield s.flatten(0, 1), t.flatten(0, 1), valid
 
 
