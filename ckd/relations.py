@@ -27,8 +27,8 @@ class _SelfGram(torch.autograd.Function):
 
     Autograd's own backward of `x @ x.transpose(-1, -2)` returns the transposed operand's gradient as a
     transposed (strided) view, and every elementwise op of the backward that follows it (the norm's
-    division, the centring) then walks memory with a stride of a whole row: up to twice the time of
-    the whole relation on a CPU.
+    division, the centring) then walks memory with a stride of a whole row (on CPU, the cosine
+    relation's forward + backward took up to twice as long that way).
     """
 
     @staticmethod
