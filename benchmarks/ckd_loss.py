@@ -87,10 +87,10 @@ def _ours(term: str, s_layers, t_layers, mask):
     kind, options = kinds[term]
     layers = len(s_layers)
     pairs = [[i, i] for i in range(layers)]
-    objective = build_objective(
+    objective = build_objective(  # one head: the relation terms read no attention, and any width divides by 1
         {"terms": {kind: {"layers": pairs, **options}}},
-        ModelShape(layers - 1, s_layers[0].shape[-1], 12),
-        ModelShape(layers - 1, t_layers[0].shape[-1], 12),
+        ModelShape(layers - 1, s_layers[0].shape[-1], 1),
+        ModelShape(layers - 1, t_layers[0].shape[-1], 1),
         TaskShape(2),
     )
     loss, _ = objective(Features(s_layers, mask), Features(t_layers, mask))
