@@ -60,7 +60,7 @@ class MlflowReporter(Reporter):
 
         from jobs import tracking
 
-        mlflow.set_tracking_uri(self.tracking_uri)
+        tracking.use_tracking_store(self.tracking_uri)
         out = Path(spec.output.dir)
         commit = tracking.git_commit(Path(__file__).resolve().parent.parent)
         tags = {"ckd.task": spec.task.task_name, "ckd.teacher": spec.teacher.source, **self.tags}

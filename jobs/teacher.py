@@ -8,13 +8,10 @@ result. The export is atomic (`export_student`), so a crash mid-fine-tune leaves
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 from jobs.data import make_dataloader, model_inputs
 from jobs.evaluation import cache_root, evaluate, load_job_data
 from jobs.models import PROBLEM_TYPES, export_student, load_teacher, load_tokenizer
+from jobs.storage import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +32,6 @@ def teacher_dir(spec: Any) -> Path:
     return cache_root() / "teachers" / spec.teacher_cache_key()
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def prepare_teacher(spec: Any, *, device: torch.device | None = None) -> str:
     """The teacher source the job distils from: `teacher.source` itself, or the cached fine-tuned copy
     (fine-tuning it now when no process has yet)."""
@@ -53,7 +40,7 @@ def prepare_teacher(spec: Any, *, device: torch.device | None = None) -> str:
     out = teacher_dir(spec)
     if (out / "config.json").is_file():
         return str(out)
-    with _file_lock(out.with_name(out.name + ".lock")):
+    with file_lock(out.with_name(out.name + ".lock")):
         if not (out / "config.json").is_file():  # another process may have finished while we waited
             finetune_teacher(spec, out, device=device or torch.device("cpu"))
     return str(out)

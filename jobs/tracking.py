@@ -3,8 +3,8 @@
 Everything goes through an explicit ``run_id`` and an ``MlflowClient`` rather than MLflow's "active run"
 (a thread-local of the fluent API), so the same calls work in the job's main process, in a Ray Train
 worker and in a Tune trial thread. The store is the one of ``mlflow.get_tracking_uri()`` unless a client
-is passed; set it once with ``mlflow.set_tracking_uri(resolve_tracking_uri(...))`` (that also exports
-``MLFLOW_TRACKING_URI`` to child processes).
+is passed; set it once with ``use_tracking_store(resolve_tracking_uri(...))`` (that also exports
+``MLFLOW_TRACKING_URI`` to child processes, and creates a new SQLite store safely).
 
 Layout written (see docs/contracts-sweep.md): params flattened (``JobSpec.flat_params``), metrics per
 evaluation with ``step`` = optimizer step, and the best student as a transformers-flavour LoggedModel
@@ -31,12 +31,13 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from jobs.storage import tracking_uri_or_default, write_text_atomic
+from jobs.storage import file_lock, tracking_uri_or_default, write_text_atomic
 
 __all__ = [
     "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH", "ParamConflictError", "STUDENT_MODEL_NAME",
-    "default_artifact_location", "ensure_experiment", "finish_run", "git_commit", "log_metrics_at", "log_params_batched", "log_student", "resolve_tracking_uri",
-    "start_or_resume_run", "student_pip_requirements",
+    "default_artifact_location", "ensure_experiment", "finish_run", "git_commit", "log_metrics_at", "log_params_batched",
+    "log_student", "prepare_store", "resolve_tracking_uri", "start_or_resume_run", "student_pip_requirements",
+    "use_tracking_store",
 ]  # fmt: skip
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for params in one log_batch call
@@ -85,6 +86,42 @@ def resolve_tracking_uri(explicit: str | None, default_sqlite_path: str | os.Pat
     return uri
 
 
+_prepared_stores: set[str] = set()
+
+
+def _sqlite_file(tracking_uri: str) -> Path | None:
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(db).resolve() if db and db != ":memory:" else None
+
+
+def prepare_store(tracking_uri: str) -> None:
+    """Open the store at ``tracking_uri`` once in this process; a SQLite database's tables are created under
+    a lock beside it (``.<name>.lock``).
+
+    MLflow creates and migrates a new database's tables in whichever process opens it first, and two
+    processes doing that at once (the drivers of two sweeps submitted together against a fresh store)
+    break each other's migration ("duplicate column name: step", "table _alembic_tmp_metrics already
+    exists"). MLflow keeps the opened store for the process, so later clients on this URI reuse it.
+    """
+    if tracking_uri in _prepared_stores:
+        return
+    db = _sqlite_file(tracking_uri)
+    if db is None:
+        MlflowClient(tracking_uri)
+    else:
+        with file_lock(db.with_name(f".{db.name}.lock")):
+            MlflowClient(tracking_uri)
+    _prepared_stores.add(tracking_uri)
+
+
+def use_tracking_store(tracking_uri: str) -> None:
+    """``prepare_store`` and make ``tracking_uri`` MLflow's URI for this process."""
+    prepare_store(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+
+
 def git_commit(path: str | os.PathLike = ".") -> str | None:
     """HEAD of the git checkout containing ``path``, with ``+dirty`` when tracked files have changes.
 
@@ -116,13 +153,11 @@ def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
     whichever process creates the experiment (a Ray worker's, the user's shell's), so artifacts of one
     store would scatter. None for other stores: a tracking server's ``--artifacts-destination`` applies.
     """
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    db = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
-    if not db or db == ":memory:":
+    db = _sqlite_file(tracking_uri)
+    if db is None:
         return None
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
-    return (Path(db).resolve().parent / "mlartifacts" / slug).as_uri()
+    return (db.parent / "mlartifacts" / slug).as_uri()
 
 
 def ensure_experiment(name: str, *, artifact_location: str | None = None,

@@ -38,7 +38,7 @@ def start_parent_run(sweep: SweepDir, grid: Any) -> str:
 
     from jobs import tracking
 
-    mlflow.set_tracking_uri(grid.tracking_uri())
+    tracking.use_tracking_store(grid.tracking_uri())
     tracking.ensure_experiment(grid.mlflow.experiment)
     record = sweep.sweep()
     tags = {"ckd.sweep_id": sweep.sweep_id, "ckd.role": "sweep", "ckd.sweep_dir": str(sweep.path)}

@@ -27,12 +27,13 @@ from mlflow.entities import LoggedModel, Run, RunTag, ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from jobs.tracking import STUDENT_MODEL_NAME, prepare_store
+
 __all__ = [
     "ChampionError", "PullError", "best_metric_key", "best_trial_run", "child_runs", "client_for", "pull",
     "register_champion", "student_model",
 ]  # fmt: skip
 
-STUDENT_MODEL_NAME = "student"  # jobs.tracking.STUDENT_MODEL_NAME (not imported: keeps this module light)
 PARENT_TAG = "mlflow.parentRunId"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -50,6 +51,7 @@ def client_for(tracking_uri: str | None) -> MlflowClient:
     """An MlflowClient on ``tracking_uri`` (tracking and registry), or on MLflow's current URI for None."""
     if tracking_uri is None:
         return MlflowClient()
+    prepare_store(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import datetime
-import fcntl
 import json
 import os
 import secrets
@@ -20,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jobs.storage import write_json_atomic
+from jobs.storage import file_lock, write_json_atomic
 
 STATUSES = ("pending", "running", "finished", "failed", "cancelled")
 
@@ -72,8 +71,7 @@ class SweepDir:
     def update_state(self, **changes: Any) -> dict[str, Any]:
         """Merge `changes` into state.json under a lock (the driver, the CLI and a backend all write it)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".state.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(self.path / ".state.lock"):
             state = self.state()
             for key, value in changes.items():
                 if isinstance(value, Mapping) and isinstance(state.get(key), Mapping):

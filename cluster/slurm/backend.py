@@ -14,7 +14,6 @@ driver's), `<job>_<task>_result.pkl`, and `ray-<job>-<restart>/` while the job r
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shlex
@@ -22,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +31,7 @@ import submitit
 
 from cluster.slurm.config import SlurmClusterSpec
 from cluster.slurm.launcher import RayAllocation, allocation_plan
+from jobs.storage import file_lock
 
 __all__ = [
     "SLURM_SWEEP_STATES", "SlurmBackend", "SlurmError", "SlurmJobStatus", "SlurmLogs", "SlurmUnavailableError",
@@ -146,17 +146,10 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-@contextlib.contextmanager
-def _state_lock(sweep_dir: Path) -> Iterator[None]:
+def _state_lock(sweep_dir: Path) -> contextlib.AbstractContextManager[None]:
     """An exclusive lock on `<sweep_dir>/.state.lock` for a read-modify-write of state.json (the driver
-    writes it too; it should take the same lock)."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    with open(sweep_dir / _STATE_LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    writes it too, under the same lock)."""
+    return file_lock(sweep_dir / _STATE_LOCK)
 
 
 def record_submission(sweep_dir: str | Path, fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -66,6 +67,36 @@ def test_resolve_tracking_uri_order(tmp_path, monkeypatch):
     assert (tmp_path / "other").is_dir()
     monkeypatch.chdir(tmp_path)
     assert resolve_tracking_uri("rel/store.db", default) == f"sqlite:///{tmp_path / 'rel' / 'store.db'}"
+
+
+_OPEN_STORE = """
+import sys
+from mlflow import MlflowClient
+from jobs.tracking import ensure_experiment, prepare_store
+
+uri = sys.argv[1]
+prepare_store(uri)
+experiment = ensure_experiment("together", client=MlflowClient(uri))
+run = MlflowClient(uri).create_run(experiment)
+print(run.info.run_id)
+"""
+
+
+def test_fresh_sqlite_store_opened_by_several_processes_at_once(tmp_path):
+    # without the lock MLflow's table creation races: "duplicate column name: step" and the like
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_STORE, uri], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    run_ids = {out.strip() for _, out, _ in results}
+    assert len(run_ids) == 3
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("together")
+    assert {r.info.run_id for r in client.search_runs([experiment.experiment_id])} == run_ids
+    assert (tmp_path / ".mlflow.db.lock").is_file()
 
 
 def test_git_commit(tmp_path):
