@@ -104,11 +104,13 @@ def prepare_store(tracking_uri: str) -> None:
     processes doing that at once (the drivers of two sweeps submitted together against a fresh store)
     break each other's migration ("duplicate column name: step", "table _alembic_tmp_metrics already
     exists"). MLflow keeps the opened store for the process, so later clients on this URI reuse it.
+    An existing database in a directory this user cannot write (someone else's store, read for ``pull``)
+    is opened without the lock: nobody here can be creating it.
     """
     if tracking_uri in _prepared_stores:
         return
     db = _sqlite_file(tracking_uri)
-    if db is None:
+    if db is None or (db.is_file() and not os.access(db.parent, os.W_OK)):
         MlflowClient(tracking_uri)
     else:
         with file_lock(db.with_name(f".{db.name}.lock")):

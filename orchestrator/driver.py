@@ -198,6 +198,9 @@ def run_sweep(sweep: SweepDir) -> dict[str, Any]:
         if callable(cancel_handler):  # ray.init installs a SIGTERM handler that exits: keep a cancel a cancel
             signal.signal(signal.SIGTERM, cancel_handler)
         results = build_tuner(sweep, grid).fit()
+        # Nothing below needs Ray. Disconnecting now stops the output Ray forwards from trial workers (their
+        # teardown, which can end in a crash dump) from landing after the sweep's closing lines.
+        shutdown_ray()
         stop_file = os.environ.get("CKD_STOP_FILE")
         if stop_file and Path(stop_file).exists():
             # Slurm's walltime warning: Tune has saved its state; the requeued job restores it.
@@ -236,10 +239,14 @@ def run_sweep(sweep: SweepDir) -> dict[str, Any]:
         sweep.update_state(status=status, error=f"{type(err).__name__}: {err}"[:2000])
         raise
     finally:
-        import ray
+        shutdown_ray()
 
-        if ray.is_initialized():
-            ray.shutdown()
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 # The environment variable that carries a sweep's record (sweep.json + grid.yaml) to a driver on a cluster
