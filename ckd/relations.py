@@ -225,10 +225,19 @@ def _window_factors(side: _AngleSide, inv: Tensor, idx: Tensor, inside: Tensor) 
     return g_jk, p, s
 
 
+def _window_psi(g_jk: Tensor, p: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """E_jk = G_jk - p_ij - p_ik and psi_ijk = E_jk s_ij s_ik over the window block (N, m, w, w); two
+    tensors of the block's size, the other passes in place (not for autograd)."""
+    e = g_jk - p[..., :, None]
+    e -= p[..., None, :]
+    psi = e * s[..., :, None]
+    psi *= s[..., None, :]
+    return e, psi
+
+
 def _window_block(side: _AngleSide, inv: Tensor, idx: Tensor, inside: Tensor) -> Tensor:
     """psi_ijk for the (w x w) members of each vertex's window: (N, m, w, w), 0 where a member is absent."""
-    g_jk, p, s = _window_factors(side, inv, idx, inside)
-    return (g_jk - p[..., :, None] - p[..., None, :]) * s[..., :, None] * s[..., None, :]
+    return _window_psi(*_window_factors(side, inv, idx, inside))[1]
 
 
 class _WindowSSE(torch.autograd.Function):
@@ -242,10 +251,7 @@ class _WindowSSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g_jk: Tensor, p: Tensor, s: Tensor, target: Tensor) -> Tensor:
-        e = g_jk - p[..., :, None]
-        e -= p[..., None, :]
-        diff = e * s[..., :, None]
-        diff *= s[..., None, :]
+        e, diff = _window_psi(g_jk, p, s)
         diff -= target
         ctx.save_for_backward(e, diff, s)
         flat = diff.reshape(-1)

@@ -48,6 +48,15 @@ def write_json_atomic(path: str | os.PathLike, data: Any, *, default: Callable[[
     write_text_atomic(path, json.dumps(data, indent=1, default=default))
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The absolute database file of a ``sqlite:///`` tracking URI (its ``?query`` dropped); None for other
+    stores and for an in-memory database."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(db).resolve() if db and db != ":memory:" else None
+
+
 def tracking_uri_or_default(explicit: str | None, env: Mapping[str, str] | None, sqlite_path: Path) -> str:
     """The MLflow tracking URI: the configured one, else $MLFLOW_TRACKING_URI, else SQLite at `sqlite_path`."""
     if explicit:

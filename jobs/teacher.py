@@ -21,7 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 from jobs.data import make_dataloader, model_inputs
 from jobs.evaluation import cache_root, evaluate, load_job_data
 from jobs.models import PROBLEM_TYPES, export_student, load_teacher, load_tokenizer
-from jobs.storage import file_lock
+from jobs.storage import file_lock, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,8 @@ def finetune_teacher(spec: Any, out: Path, *, device: torch.device) -> dict[str,
     log.info("fine-tuned teacher dev metrics: %s", metrics)
     model.eval().requires_grad_(False)
     export_student(model, tokenizer, out, task.label_names, overwrite=True)
-    (out / METRICS_FILE).write_text(json.dumps({"steps": total, "train_rows": len(data["train"]),
-                                                "seconds": time.perf_counter() - start,
-                                                **metrics}, indent=1))
+    write_json_atomic(out / METRICS_FILE, {"steps": total, "train_rows": len(data["train"]),
+                                           "seconds": time.perf_counter() - start, **metrics})
     return metrics
 
 

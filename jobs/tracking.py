@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from jobs.storage import file_lock, tracking_uri_or_default, write_text_atomic
+from jobs.storage import file_lock, sqlite_path, tracking_uri_or_default, write_text_atomic
 
 __all__ = [
     "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH", "ParamConflictError", "STUDENT_MODEL_NAME",
@@ -79,21 +79,13 @@ def resolve_tracking_uri(explicit: str | None, default_sqlite_path: str | os.Pat
     uri = tracking_uri_or_default(explicit, os.environ, Path(default_sqlite_path).expanduser().resolve())
     if "://" not in uri and Path(uri).suffix in _SQLITE_SUFFIXES:
         uri = f"sqlite:///{Path(uri).expanduser().resolve()}"
-    if uri.startswith("sqlite:///"):
-        db = uri.removeprefix("sqlite:///").split("?", 1)[0]
-        if db and db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     return uri
 
 
 _prepared_stores: set[str] = set()
-
-
-def _sqlite_file(tracking_uri: str) -> Path | None:
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    db = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
-    return Path(db).resolve() if db and db != ":memory:" else None
 
 
 def prepare_store(tracking_uri: str) -> None:
@@ -109,7 +101,7 @@ def prepare_store(tracking_uri: str) -> None:
     """
     if tracking_uri in _prepared_stores:
         return
-    db = _sqlite_file(tracking_uri)
+    db = sqlite_path(tracking_uri)
     if db is None or (db.is_file() and not os.access(db.parent, os.W_OK)):
         MlflowClient(tracking_uri)
     else:
@@ -155,7 +147,7 @@ def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
     whichever process creates the experiment (a Ray worker's, the user's shell's), so artifacts of one
     store would scatter. None for other stores: a tracking server's ``--artifacts-destination`` applies.
     """
-    db = _sqlite_file(tracking_uri)
+    db = sqlite_path(tracking_uri)
     if db is None:
         return None
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"

@@ -13,6 +13,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from jobs.storage import sqlite_path
+
 # Measured on the project's 2-core CPU machine (docs/performance.md); only for the rough CPU estimate.
 CPU_GFLOPS = 65.0
 
@@ -49,8 +51,8 @@ def check_plan(grid: Any) -> list[str]:
     if _teacher_config(source) is None and (source.startswith(("package:", "/")) or Path(source).exists()):
         problems.append(f"job.teacher.source: {source!r} has no config.json")
     uri = grid.tracking_uri()
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
+    if (db := sqlite_path(uri)) is not None:
+        folder = db.parent
         probe = folder
         while not probe.exists():
             probe = probe.parent

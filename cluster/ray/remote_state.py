@@ -7,9 +7,9 @@ parent run carries the tag ckd.sweep_id, and the champion's registered model ver
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from jobs.storage import sqlite_path
 from orchestrator.state import SweepDir
 
 __all__ = ["sync_from_mlflow"]
@@ -53,7 +53,8 @@ def _answers(tracking_uri: str) -> bool:
     reach), or a SQLite file the driver has created (opening a missing one would create its tables here,
     racing the driver that creates them)."""
     if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri.removeprefix("sqlite:///")).is_file()
+        db = sqlite_path(tracking_uri)
+        return db is not None and db.is_file()
     if not tracking_uri.startswith(("http://", "https://")):
         return True
     import urllib.request
