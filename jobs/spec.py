@@ -38,14 +38,14 @@ from pydantic import field_validator, model_validator
 
 import ckd
 from jobs.glue import GLUE_LAYOUTS, GLUE_TASKS, PRIMARY_METRIC, TaskInfo, glue_task_key
+from jobs.specbase import Problems, SpecError, SpecIssue, StrictModel, apply_overrides, line_of, raise_if
+from jobs.specbase import read_yaml_mapping, resolve_path, validation_issues
 from jobs.storage import tracking_uri_or_default
 
 __all__ = [
     "ArchitectureStudent", "DatasetSource", "DeepSpeedSpec", "FinetuneSpec", "FromTeacherStudent", "JobSpec",
     "MlflowSpec", "OutputSpec", "SpecError", "SpecIssue", "StudentSpec", "TaskSpec", "TeacherSpec",
-    "TrainingSpec", "apply_overrides", "load_job_spec",
-    # Shared with other strict spec files (orchestrator.grid): the same YAML reader, line lookup and errors.
-    "Problems", "StrictModel", "line_of", "read_yaml_mapping", "validation_issues",
+    "TrainingSpec", "load_job_spec",
 ]  # fmt: skip
 
 DEFAULT_EXPERIMENT = "ckd-jobs"
@@ -57,66 +57,7 @@ _TEACHER_CACHE_VERSION = 1
 _FILE_FORMATS = (".csv", ".json", ".jsonl", ".parquet")
 
 
-# --------------------------------------------------------------------------------------------- errors
-
-
-class SpecIssue(typing.NamedTuple):
-    """One problem: where (file, 1-based line or None, dotted key) and what was expected."""
-
-    file: str
-    line: int | None
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
-
-
-class SpecError(ValueError):
-    """An invalid job spec. `issues` lists every problem; the message has one line per problem,
-    each "file:line: dotted.key: message"."""
-
-    def __init__(self, issues: Sequence[SpecIssue]) -> None:
-        self.issues = list(issues)
-        super().__init__("\n".join(str(i) for i in self.issues))
-
-
-class _Problems(ValueError):
-    """Raised inside validators to report problems at sub-keys of the validated object.
-
-    Pydantic keeps the exception in the error's ctx, so `_issues_from` can extend the location by each
-    problem's relative key (pydantic alone would put a model validator's error on the whole model).
-    """
-
-    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
-        self.problems = list(problems)
-        super().__init__("; ".join(f"{k}: {m}" if k else m for k, m in self.problems))
-
-
-def _raise_if(problems: list[tuple[str, str]]) -> None:
-    if problems:
-        raise _Problems(problems)
-
-
-# Public names for spec files built on this machinery (orchestrator.grid): raise `Problems([(relative key,
-# message), ...])` in a validator to report at sub-keys; convert with `validation_issues`.
-Problems = _Problems
-
-
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def _base_dir(info: ValidationInfo) -> Path:
-    ctx = info.context or {}
-    return Path(ctx.get("base_dir") or Path.cwd())
-
-
-def _resolve_path(value: Any, info: ValidationInfo) -> Any:
-    if isinstance(value, (str, Path)) and str(value):
-        path = Path(os.path.expanduser(str(value)))
-        return path if path.is_absolute() else (_base_dir(info) / path).resolve()
-    return value
 
 
 def _package_models() -> dict[str, tuple[str, str]]:
@@ -140,7 +81,7 @@ def _check_model_source(value: Any, info: ValidationInfo) -> str:
         if known and alias not in known:
             raise ValueError(f"unknown packaged model {alias!r}; known: {', '.join(sorted(known))}")
         return value
-    path = _resolve_path(value, info)
+    path = resolve_path(value, info)
     if path.exists() or value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
         if not path.is_dir():
             raise ValueError(f"local model directory {str(path)!r} does not exist (nor is {value!r} a Hub id)")
@@ -194,14 +135,8 @@ def _files_fingerprint(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
 # ----------------------------------------------------------------------------------------------- models
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=False, arbitrary_types_allowed=False)
 
-
-StrictModel = _Strict  # unknown keys are errors
-
-
-class DatasetSource(_Strict):
+class DatasetSource(StrictModel):
     """A generic dataset: a Hub dataset (`hub`, optional `config`, `revision`, `splits`) or local files
     per split (`files: {train: a.csv, validation: b.jsonl}`). The shorthand `dataset: <hub id>` means
     `{hub: <hub id>}`. Split "train" is required; every other split is a dev split."""
@@ -221,7 +156,7 @@ class DatasetSource(_Strict):
     @classmethod
     def _resolve_files(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, Mapping):
-            return {k: _resolve_path(v, info) for k, v in value.items()}
+            return {k: resolve_path(v, info) for k, v in value.items()}
         return value
 
     @field_validator("files")
@@ -235,7 +170,7 @@ class DatasetSource(_Strict):
                 problems.append((split, f"unsupported file {str(path)!r}; expected one of {', '.join(_FILE_FORMATS)}"))
             elif not path.is_file():
                 problems.append((split, f"data file {str(path)!r} does not exist"))
-        _raise_if(problems)
+        raise_if(problems)
         return value
 
     @model_validator(mode="after")
@@ -252,11 +187,11 @@ class DatasetSource(_Strict):
             problems.append(("files" if self.files is not None else "splits", f"no 'train' split among {list(splits)}"))
         if self.hub is not None and not _HUB_ID.match(self.hub):
             problems.append(("hub", f"expected a Hub dataset id like 'org/name', got {self.hub!r}"))
-        _raise_if(problems)
+        raise_if(problems)
         return self
 
 
-class TaskSpec(_Strict):
+class TaskSpec(StrictModel):
     """The task: a GLUE task (`glue`, optional local `glue_dir` in the official layout; the Hub otherwise)
     or a generic `dataset` with its fields, labels and metric."""
 
@@ -277,7 +212,7 @@ class TaskSpec(_Strict):
     @field_validator("glue_dir", mode="before")
     @classmethod
     def _resolve_glue_dir(cls, value: Any, info: ValidationInfo) -> Any:
-        return _resolve_path(value, info)
+        return resolve_path(value, info)
 
     @field_validator("glue")
     @classmethod
@@ -296,7 +231,7 @@ class TaskSpec(_Strict):
         problems: list[tuple[str, str]] = []
         if (self.glue is None) == (self.dataset is None):
             problems.append(("", "set exactly one of glue (a GLUE task name) and dataset (a generic dataset)"))
-            _raise_if(problems)
+            raise_if(problems)
         if self.glue is not None:
             # Defaults are accepted so that a dumped spec (`to_dict`) reads back.
             for key in ("name", "text_fields", "label_field", "label_names", "regression", "metric"):
@@ -330,7 +265,7 @@ class TaskSpec(_Strict):
                     self.task_info()
                 except ValueError as err:
                     problems.append(("", str(err)))
-        _raise_if(problems)
+        raise_if(problems)
         return self
 
     def _check_glue_dir(self) -> list[tuple[str, str]]:
@@ -410,7 +345,7 @@ class TaskSpec(_Strict):
         return out
 
 
-class FinetuneSpec(_Strict):
+class FinetuneSpec(StrictModel):
     """Fine-tune the teacher on the task before distilling (cached by `JobSpec.teacher_cache_key`)."""
 
     epochs: int = Field(3, ge=1)
@@ -426,7 +361,7 @@ class FinetuneSpec(_Strict):
                                                                    "(default: task.max_train_examples)")
 
 
-class TeacherSpec(_Strict):
+class TeacherSpec(StrictModel):
     """The teacher: Hub id, local directory or `package:all-MiniLM-L6-v2`; frozen during distillation."""
 
     source: str
@@ -439,7 +374,7 @@ class TeacherSpec(_Strict):
         return _check_model_source(value, info)
 
 
-class FromTeacherStudent(_Strict):
+class FromTeacherStudent(StrictModel):
     """Student = the teacher's embeddings + these (0-based, strictly increasing) teacher layers."""
 
     layers: list[int] = Field(min_length=1)
@@ -453,7 +388,7 @@ class FromTeacherStudent(_Strict):
         return value
 
 
-class ArchitectureStudent(_Strict):
+class ArchitectureStudent(StrictModel):
     """A randomly initialised student of this shape (vocabulary and labels from the teacher)."""
 
     num_layers: int = Field(ge=1)
@@ -464,7 +399,7 @@ class ArchitectureStudent(_Strict):
     @model_validator(mode="after")
     def _check(self) -> ArchitectureStudent:
         if self.hidden_size % self.num_heads:
-            raise _Problems([("hidden_size", f"hidden_size ({self.hidden_size}) must be divisible by "
+            raise Problems([("hidden_size", f"hidden_size ({self.hidden_size}) must be divisible by "
                                              f"num_heads ({self.num_heads})")])
         return self
 
@@ -472,7 +407,7 @@ class ArchitectureStudent(_Strict):
 _STUDENT_MODES = ("from_teacher", "architecture", "pretrained")
 
 
-class StudentSpec(_Strict):
+class StudentSpec(StrictModel):
     """Exactly one of `from_teacher`, `architecture`, `pretrained`."""
 
     from_teacher: FromTeacherStudent | None = None
@@ -491,7 +426,7 @@ class StudentSpec(_Strict):
             given = [m for m in _STUDENT_MODES if data.get(m) is not None]
             if len(given) != 1:
                 got = "none" if not given else " and ".join(given)
-                raise _Problems([("", f"expected exactly one of {', '.join(_STUDENT_MODES)}; got {got}")])
+                raise Problems([("", f"expected exactly one of {', '.join(_STUDENT_MODES)}; got {got}")])
         return data
 
     @property
@@ -499,7 +434,7 @@ class StudentSpec(_Strict):
         return next(m for m in _STUDENT_MODES if getattr(self, m) is not None)
 
 
-class TrainingSpec(_Strict):
+class TrainingSpec(StrictModel):
     """Distillation training. `batch_size` is the global effective batch (all processes x accumulation);
     `eval_batch_size` is per process."""
 
@@ -520,7 +455,7 @@ class TrainingSpec(_Strict):
     @model_validator(mode="after")
     def _check(self) -> TrainingSpec:
         if self.batch_size % self.grad_accumulation:
-            raise _Problems([("batch_size", f"batch_size {self.batch_size} is not divisible by "
+            raise Problems([("batch_size", f"batch_size {self.batch_size} is not divisible by "
                                             f"grad_accumulation {self.grad_accumulation}")])
         return self
 
@@ -530,7 +465,7 @@ _DS_RESERVED = {"optimizer": "the job builds the optimizer from training.learnin
                 "scheduler": "the job builds the schedule from training.warmup_ratio"}
 
 
-class DeepSpeedSpec(_Strict):
+class DeepSpeedSpec(StrictModel):
     """DeepSpeed settings. zero_stage defaults to 0 (plain data parallel): right on CPU and for small
     students; use 2 or 3 (+ offload_optimizer) for large models on GPUs. `config` is raw DeepSpeed JSON
     merged into the generated config; a raw value contradicting a generated one is an error."""
@@ -548,32 +483,32 @@ class DeepSpeedSpec(_Strict):
         for key, why in _DS_RESERVED.items():
             if key in self.config:
                 problems.append((f"config.{key}", f"not allowed: {why}"))
-        _raise_if(problems)
+        raise_if(problems)
         return self
 
 
-class MlflowSpec(_Strict):
+class MlflowSpec(StrictModel):
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/mlflow.db")
     experiment: str = Field(DEFAULT_EXPERIMENT, min_length=1)
     run_name: str | None = None
     log_model: bool = True
 
 
-class OutputSpec(_Strict):
+class OutputSpec(StrictModel):
     dir: Path
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
 
     @field_validator("dir", mode="before")
     @classmethod
     def _resolve_dir(cls, value: Any, info: ValidationInfo) -> Any:
-        return _resolve_path(value, info)
+        return resolve_path(value, info)
 
     def tracking_uri(self, env: Mapping[str, str] | None = None) -> str:
         """The explicit URI, else `env["MLFLOW_TRACKING_URI"]`, else SQLite beside the outputs."""
         return tracking_uri_or_default(self.mlflow.tracking_uri, env, self.dir / "mlflow.db")
 
 
-class JobSpec(_Strict):
+class JobSpec(StrictModel):
     """One distillation job. Build with `load_job_spec` or `JobSpec.from_mapping`."""
 
     task: TaskSpec
@@ -595,7 +530,7 @@ class JobSpec(_Strict):
             config = _source_config(teacher.source)
             depth = (config or {}).get("num_hidden_layers")
             if isinstance(depth, int) and value.from_teacher.layers[-1] >= depth:
-                raise _Problems([("from_teacher.layers", f"layer {value.from_teacher.layers[-1]} out of range "
+                raise Problems([("from_teacher.layers", f"layer {value.from_teacher.layers[-1]} out of range "
                                                          f"for the {depth}-layer teacher (0-based)")])
         return value
 
@@ -613,7 +548,7 @@ class JobSpec(_Strict):
         try:
             ckd.resolve_terms(value)
         except ckd.ObjectiveConfigError as err:
-            raise _Problems([(err.key, err.message)]) from None
+            raise Problems([(err.key, err.message)]) from None
         return value
 
     @field_validator("deepspeed")
@@ -623,7 +558,7 @@ class JobSpec(_Strict):
         if training is not None:
             ours = _deepspeed_ours(value, training, world_size=None)
             conflicts = _conflicts(value.config, ours)
-            _raise_if([(f"config.{key}", msg) for key, msg in conflicts])
+            raise_if([(f"config.{key}", msg) for key, msg in conflicts])
         return value
 
     # ------------------------------------------------------------------------------------ construction
@@ -651,14 +586,14 @@ class JobSpec(_Strict):
         try:
             spec = cls.model_validate(data, context=context)
         except ValidationError as err:
-            raise SpecError(_issues_from(err, data, file_name, lines, overridden or {})) from None
+            raise SpecError(validation_issues(err, root=JobSpec, file=file_name, lines=lines, overridden=overridden)) from None
         spec._file, spec._lines = file_name, lines
         if env is not None and spec.output.mlflow.tracking_uri is None:
             spec.output.mlflow.tracking_uri = spec.output.tracking_uri(env)
         return spec
 
     def _error(self, key: str, message: str) -> SpecError:
-        return SpecError([SpecIssue(self._file, _line_of(self._lines, key), key, message)])
+        return SpecError([SpecIssue(self._file, line_of(self._lines, key), key, message)])
 
     # ----------------------------------------------------------------------------------------- derived
 
@@ -716,7 +651,7 @@ class JobSpec(_Strict):
         ours = _deepspeed_ours(self.deepspeed, t, world_size)
         conflicts = _conflicts(self.deepspeed.config, ours)
         if conflicts:
-            raise SpecError([SpecIssue(self._file, _line_of(self._lines, f"deepspeed.config.{k}"),
+            raise SpecError([SpecIssue(self._file, line_of(self._lines, f"deepspeed.config.{k}"),
                                        f"deepspeed.config.{k}", m) for k, m in conflicts])
         return _merge(self.deepspeed.config, ours)
 
@@ -823,159 +758,7 @@ def _truncate(text: str, limit: int) -> str:
     return text[: limit - len(marker)] + marker
 
 
-# ------------------------------------------------------------------------------------------------ YAML
-
-
-class _DuplicateKey(yaml.MarkedYAMLError):
-    pass
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `3e-5` as a float (YAML 1.2; PyYAML's 1.1 rules make it a string) and
-    rejects duplicate keys."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise _DuplicateKey(problem=f"duplicate key {key!r} (first on line {seen[key]})",
-                                    problem_mark=key_node.start_mark)
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                   |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def _key_lines(node: yaml.Node | None, prefix: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
-    """Dotted key (list items as key[i]) -> 1-based line of the key (of the item for list items)."""
-    out = {} if out is None else out
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                dotted = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-                out.setdefault(dotted, key_node.start_mark.line + 1)
-                _key_lines(value_node, dotted, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            dotted = f"{prefix}[{i}]"
-            out.setdefault(dotted, item.start_mark.line + 1)
-            _key_lines(item, dotted, out)
-    return out
-
-
-def _line_of(lines: Mapping[str, int], key: str) -> int | None:
-    """Line of `key`, else of its nearest ancestor present in the file."""
-    while key:
-        if key in lines:
-            return lines[key]
-        cut = max(key.rfind("."), key.rfind("["))
-        key = key[:cut] if cut > 0 else ""
-    return None
-
-
-line_of = _line_of
-
-
-def _parse_yaml(text: str, file: str) -> tuple[Any, dict[str, int]]:
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = mark.line + 1 if mark is not None else None
-        what = " ".join(p for p in (err.context, err.problem) if p)
-        raise SpecError([SpecIssue(file, line, "", f"YAML syntax error: {what}")]) from None
-    except yaml.YAMLError as err:
-        raise SpecError([SpecIssue(file, None, "", f"YAML error: {err}")]) from None
-    finally:
-        loader.dispose()
-    return data, _key_lines(node)
-
-
-# ------------------------------------------------------------------------------------------- overrides
-
-
-def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str], file: str = "<spec>") -> tuple[dict[str, Any], dict[str, str]]:
-    """Apply `a.b.c=value` overrides (value parsed as YAML: scalars, `[0, 5]`, `{k: v}`) to a copy of data.
-
-    Returns:
-        (new data, {dotted key: override text}).
-
-    Raises:
-        SpecError: a malformed override, or one whose path runs through a non-mapping value.
-    """
-    data = json.loads(json.dumps(data, default=str)) if data else {}
-    issues: list[SpecIssue] = []
-    applied: dict[str, str] = {}
-    for text in overrides:
-        key, sep, raw = text.partition("=")
-        key = key.strip()
-        parts = key.split(".")
-        if not sep or not key or any(not p for p in parts):
-            issues.append(SpecIssue(file, None, key, f"bad override {text!r}: expected dotted.key=value"))
-            continue
-        try:
-            value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
-        except yaml.YAMLError as err:
-            issues.append(SpecIssue(file, None, key, f"override {text!r}: value is not valid YAML ({err})"))
-            continue
-        node: Any = data
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                where = ".".join(parts[: depth + 1])
-                issues.append(SpecIssue(file, None, key, f"override {text!r}: {where} is {child!r}, not a mapping"))
-                break
-            node = child
-        else:
-            node[parts[-1]] = value
-            applied[key] = text
-    if issues:
-        raise SpecError(issues)
-    return data, applied
-
-
 # --------------------------------------------------------------------------------------------- loading
-
-
-def read_yaml_mapping(path: str | Path, what: str = "spec") -> tuple[dict[str, Any], dict[str, int]]:
-    """Read a YAML file whose top level is a mapping (an empty file reads as {}).
-
-    Returns:
-        (data, {dotted key: 1-based line}); list items are keyed `key[i]`.
-
-    Raises:
-        SpecError: the file is missing or unreadable, bad YAML (incl. duplicate keys), or not a mapping;
-            `what` names the file's role in the message ("job spec file not found").
-    """
-    path = Path(path)
-    file = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError([SpecIssue(file, None, "", f"{what} file not found")]) from None
-    except OSError as err:
-        raise SpecError([SpecIssue(file, None, "", f"cannot read the {what}: {err.strerror or err}")]) from None
-    data, lines = _parse_yaml(text, file)
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise SpecError([SpecIssue(file, 1, "", f"expected a mapping of sections at the top level, "
-                                                f"got {type(data).__name__}")])
-    return dict(data), lines
 
 
 def load_job_spec(path: str | Path, overrides: Sequence[str] = (), env: Mapping[str, str] | None = None) -> JobSpec:
@@ -999,109 +782,3 @@ def load_job_spec(path: str | Path, overrides: Sequence[str] = (), env: Mapping[
                                 overridden=overridden, env=os.environ if env is None else env)
 
 
-# ------------------------------------------------------------------------------- pydantic -> SpecIssue
-
-
-def _model_at(loc: Sequence[Any], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
-    """The model class validating the mapping at `loc` (for listing valid keys), or None."""
-    model: Any = JobSpec if root is None else root
-    for part in loc:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return None
-        if isinstance(part, int):  # an item of a list of models
-            continue
-        field = model.model_fields.get(part) or next(
-            (f for f in model.model_fields.values() if f.alias == part), None)
-        if field is None:
-            return None
-        model = unwrap_model(field.annotation)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def unwrap_model(annotation: Any) -> Any:
-    """The pydantic model class inside an annotation (`X | None`, `list[X]`, ...), or None."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = unwrap_model(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def dotted_key(loc: Sequence[Any]) -> str:
-    """A pydantic error location as a key: `a.b[0].c`."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def validation_issues(err: ValidationError, *, file: str, lines: Mapping[str, int] | None = None,
-                      overridden: Mapping[str, str] | None = None,
-                      root: type[BaseModel] | None = None) -> list[SpecIssue]:
-    """A pydantic error of `root.model_validate(...)` as SpecIssues ("file:line: dotted.key: message"),
-    the way `JobSpec.from_mapping` reports its own.
-
-    Args:
-        err: raised by validating a model of this module's style (`StrictModel`, `Problems`).
-        file: named in every issue.
-        lines: dotted key -> 1-based line.
-        overridden: dotted key -> the override that set it, named instead of a line.
-        root: the validated model class (lists the valid keys on an unknown key); default JobSpec.
-    """
-    return _issues_from(err, None, file, lines or {}, overridden or {}, root=root)
-
-
-def key_messages(err: ValidationError, *, root: type[BaseModel] | None = None,
-                 prefix: Sequence[Any] = ()) -> list[tuple[str, str]]:
-    """A pydantic error as (dotted key, message) pairs, the one wording every config of the project uses.
-
-    Args:
-        err: raised by `root.model_validate(...)` (models in this module's style: `StrictModel`, `Problems`),
-            or by a model embedding `root` at `prefix`.
-        root: the validated model class (an unknown key lists the valid keys there); default JobSpec.
-        prefix: the location of `root` inside the validated model; keys are made relative to it.
-    """
-    out: list[tuple[str, str]] = []
-    for e in err.errors(include_url=False):
-        loc = [p for p in e["loc"] if p != "[key]"][len(prefix):]
-        kind = e["type"]
-        error = (e.get("ctx") or {}).get("error")
-        if isinstance(error, _Problems):
-            entries = [(loc + ([k] if k else []), m) for k, m in error.problems]
-        elif kind == "extra_forbidden":
-            model = _model_at(loc[:-1], root)
-            valid = sorted(f.alias or n for n, f in model.model_fields.items()) if model else []
-            hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            msg = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            entries = [(loc, msg + (f"; valid keys here: {', '.join(valid)}" if valid else ""))]
-        elif kind == "missing":
-            entries = [(loc, "required key is missing")]
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            if kind not in ("value_error", "assertion_error"):
-                msg += f"; got {_short(e.get('input'))}"
-            entries = [(loc, msg)]
-        out.extend((dotted_key(entry_loc), msg) for entry_loc, msg in entries)
-    return out
-
-
-def _issues_from(err: ValidationError, data: Any, file: str, lines: Mapping[str, int],
-                 overridden: Mapping[str, str], root: type[BaseModel] | None = None) -> list[SpecIssue]:
-    issues: list[SpecIssue] = []
-    for key, msg in key_messages(err, root=root):
-        if key in overridden or any(key.startswith(k + ".") for k in overridden):
-            origin = overridden.get(key) or next(v for k, v in overridden.items() if key.startswith(k + "."))
-            issues.append(SpecIssue(file, None, key, f"{msg} (set by override {origin!r})"))
-        else:
-            issues.append(SpecIssue(file, _line_of(lines, key), key, msg))
-    return issues

@@ -61,8 +61,9 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, ValidationI
 from pydantic import field_serializer, field_validator, model_serializer, model_validator
 
 from jobs.glue import METRIC_MODE, TaskInfo
-from jobs.spec import JobSpec, Problems, SpecError, SpecIssue, StrictModel
-from jobs.spec import apply_overrides, line_of, read_yaml_mapping, validation_issues
+from jobs.spec import JobSpec
+from jobs.specbase import Problems, SpecError, SpecIssue, StrictModel
+from jobs.specbase import apply_overrides, line_of, read_yaml_mapping, validation_issues
 from jobs.storage import tracking_uri_or_default
 
 __all__ = [

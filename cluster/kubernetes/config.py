@@ -49,9 +49,9 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 # The spec machinery shared with jobs/ and orchestrator/: validators raise `Problems([(relative key,
 # message)])`, which `jobs.spec.validation_issues` (used by the grid loader) and `issues_from_validation_error`
 # below turn into issues at the right sub-keys.
-from jobs.spec import Problems as _Problems
-from jobs.spec import StrictModel as _Strict
-from jobs.spec import key_messages
+from jobs.specbase import Problems as _Problems
+from jobs.specbase import StrictModel as _Strict
+from jobs.specbase import key_messages
 
 __all__ = [
     "ClusterSpecError", "HeadSpec", "KubernetesClusterSpec", "OWNED_POD_SPEC_KEYS", "POD_SPEC_FIELDS", "Quantity",

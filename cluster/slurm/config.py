@@ -44,7 +44,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from cluster.kubernetes.config import ClusterSpecError, issues_from_validation_error
-from jobs.spec import Problems, StrictModel
+from jobs.specbase import Problems, StrictModel
 
 __all__ = [
     "OWNED_SBATCH_OPTIONS", "SBATCH_SHORT_OPTIONS", "ClusterSpecError", "SlurmClusterSpec", "normalize_sbatch_key",
