@@ -23,15 +23,17 @@ import enum
 import importlib
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
-from jobs.specbase import StrictModel
+from pydantic import ValidationError
+
+from jobs.specbase import StrictModel, key_messages
 
 __all__ = [
-    "BACKENDS", "Backend", "BackendUnavailable", "ClusterSpec", "DriverLaunch", "JobRef", "JobStatus",
-    "SweepStatus", "TrialShape", "backend_class", "config_model",
+    "BACKENDS", "Backend", "BackendUnavailable", "ClusterSpec", "ClusterSpecError", "DriverLaunch", "JobRef",
+    "JobStatus", "SweepStatus", "TrialShape", "backend_class", "config_model",
 ]  # fmt: skip
 
 
@@ -119,10 +121,31 @@ class JobStatus:
     requeued: bool = False
 
 
+class ClusterSpecError(ValueError):
+    """An invalid `cluster:` block. `issues` lists every problem as (key, message); keys are relative to
+    the block (e.g. "worker.gpus"), "" for the block itself."""
+
+    def __init__(self, issues: Sequence[tuple[str, str]]) -> None:
+        self.issues = list(issues)
+        super().__init__("\n".join(f"{k}: {m}" if k else m for k, m in self.issues))
+
+
 class ClusterSpec(StrictModel):
     """The `cluster:` block of a grid; each backend's config model subclasses it with its own keys."""
 
     backend: str
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> Self:
+        """Validate a `cluster:` block on its own (a plain mapping, e.g. from YAML or sweep.json).
+
+        Raises:
+            ClusterSpecError: every problem, with its key relative to the block.
+        """
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ClusterSpecError(key_messages(err, root=cls)) from None
 
 
 class BackendUnavailable(RuntimeError):

@@ -24,7 +24,7 @@ import transformers
 from torch import nn
 
 from ckd.features import FeatureNeeds, Features
-from jobs.models import MODEL_INPUT_KEYS, unwrap_model
+from jobs.models import ENCODER_INPUT_KEYS, unwrap_model
 
 # transformers 4.x returns attention weights from the self-attention module only when asked with
 # output_attentions=True; 5.x eager attention always returns them (and output_attentions=True would make
@@ -198,7 +198,7 @@ class FeatureCapture:
             raise RuntimeError("FeatureCapture was closed")
         self._check_eager()  # the implementation can be switched after construction
         self._warn_post_dropout()
-        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+        inputs = {k: v for k, v in batch.items() if k in ENCODER_INPUT_KEYS}
         if "input_ids" not in inputs and "inputs_embeds" not in inputs:
             raise KeyError(f"batch has neither input_ids nor inputs_embeds (keys: {sorted(batch)})")
         kwargs = {"output_attentions": True} if self.needs.attentions and _ASK_FOR_ATTENTIONS else {}

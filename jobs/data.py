@@ -32,16 +32,18 @@ from datasets import Dataset, DatasetDict, Features, Value
 from torch.utils.data import DataLoader, DistributedSampler
 
 from jobs.glue import RawSplit, TaskInfo, get_glue_task, glue_task_key, read_glue_dir
+from jobs.taskspec import FILE_FORMATS, TaskSpec
 
 __all__ = [
     "CustomSource", "GlueSource", "PaddingCollator", "TaskInfo", "get_glue_task", "load_task_dataset",
-    "make_dataloader", "model_inputs", "tokenize_dataset", "tokenizer_fingerprint",
+    "make_dataloader", "model_inputs", "task_source", "tokenize_dataset", "tokenizer_fingerprint",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-FILE_FORMATS = (".csv", ".json", ".jsonl", ".parquet")
+# What tokenisation keeps of the tokenizer's output, and the collator pads: the encoder inputs a text
+# yields (`jobs.models.ENCODER_INPUT_KEYS` is the wider set of inputs an encoder's forward() accepts).
+TOKENIZER_OUTPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 _CACHE_VERSION = 1  # bump when the tokenised layout changes so old cache files are never read
 
 
@@ -119,6 +121,22 @@ class CustomSource:
         kind = self.metric_kind or ("pearson_spearman" if self.is_regression else "accuracy")
         dev = tuple(s for s in self._splits if s != "train")
         return TaskInfo(self.name, self.text_fields, self.label_names, self.is_regression, kind, dev)
+
+
+def task_source(task: TaskSpec) -> GlueSource | CustomSource:
+    """The source that loads the data of a job spec's `task:` section."""
+    if task.glue is not None:
+        return GlueSource(task.glue, glue_dir=task.glue_dir)
+    assert task.dataset is not None and task.text_fields is not None
+    common: dict[str, Any] = dict(
+        name=task.task_name, text_fields=task.text_fields, label_names=task.label_names or (),
+        label_field=task.label_field, is_regression=task.regression, metric_kind=task.metric,
+    )
+    if task.dataset.files is not None:
+        return CustomSource(data_files=dict(task.dataset.files), **common)
+    extra = {"hub_splits": task.dataset.splits} if task.dataset.splits else {}
+    return CustomSource(hub_id=task.dataset.hub, hub_config=task.dataset.config, revision=task.dataset.revision,
+                        **common, **extra)
 
 
 def load_task_dataset(
@@ -311,7 +329,7 @@ def tokenize_dataset(
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
         enc = tokenizer(*(batch[f] for f in task.text_fields), truncation=True, max_length=max_length)
-        return {k: enc[k] for k in MODEL_INPUT_KEYS if k in enc}
+        return {k: enc[k] for k in TOKENIZER_OUTPUT_KEYS if k in enc}
 
     out = DatasetDict()
     for split, ds in data.items():
@@ -372,7 +390,7 @@ class PaddingCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("cannot collate an empty batch")
-        unknown = set(features[0]) - {*MODEL_INPUT_KEYS, "label", "idx"}
+        unknown = set(features[0]) - {*TOKENIZER_OUTPUT_KEYS, "label", "idx"}
         if unknown or "input_ids" not in features[0]:
             raise ValueError(
                 f"collate expects tokenised examples with input_ids, attention_mask, token_type_ids, label, idx; "
@@ -437,4 +455,4 @@ def make_dataloader(
 
 def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The part of a collated batch that a Hugging Face encoder's forward() accepts."""
-    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    return {k: batch[k] for k in TOKENIZER_OUTPUT_KEYS if k in batch}

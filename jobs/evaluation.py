@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,17 +9,11 @@ import torch
 from datasets import DatasetDict
 from torch import nn
 
-from jobs.data import load_task_dataset, make_dataloader, model_inputs, tokenize_dataset
+from jobs.data import load_task_dataset, make_dataloader, model_inputs, task_source, tokenize_dataset
 from jobs.distributed import barrier, gather_objects
-from jobs.glue import TaskInfo
+from jobs.glue import EVAL_LOSS, TaskInfo
 from jobs.metrics import compute_metrics
-
-
-def cache_root() -> Path:
-    """Where fine-tuned teachers and tokenised data are cached: $CKD_CACHE_DIR, else ~/.cache/ckd-orchestrate.
-    A sweep points it at its own directory so that its trials share one teacher."""
-    root = os.environ.get("CKD_CACHE_DIR")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "ckd-orchestrate"
+from jobs.storage import cache_root
 
 
 def prepare_data(spec: Any, tokenizer: Any, *, is_main: bool = True) -> DatasetDict:
@@ -41,17 +33,10 @@ def load_job_data(spec: Any, tokenizer: Any, *, for_teacher: bool = False) -> Da
     `for_teacher`, the training rows the teacher is fine-tuned on."""
     task = spec.task
     rows = spec.teacher_train_examples() if for_teacher else task.max_train_examples
-    raw = load_task_dataset(task.source(), max_train_examples=rows,
+    raw = load_task_dataset(task_source(task), max_train_examples=rows,
                             max_eval_examples=task.max_eval_examples, subset_seed=task.subset_seed)
     return tokenize_dataset(raw, tokenizer, task.task_info(), max_length=task.max_length,
                             cache_dir=cache_root() / "tokenized")
-
-
-def metric_key(task: TaskInfo, split: str, name: str) -> str:
-    """`eval/<name>` for the first dev split; later splits (MNLI mismatched) get the split's suffix."""
-    if split == task.dev_splits[0]:
-        return f"eval/{name}"
-    return f"eval/{split.removeprefix('validation_')}_{name}"
 
 
 @torch.no_grad()
@@ -85,9 +70,9 @@ def evaluate(model: nn.Module, data: DatasetDict, task: TaskInfo, tokenizer: Any
             preds = np.stack([by_id[i][0] for i in order])
             gold = np.array([by_id[i][1] for i in order])
             for name, value in compute_metrics(task, preds, gold).items():
-                out[metric_key(task, split, name)] = value
+                out[task.eval_metric_key(split, name)] = value
             if split == task.dev_splits[0]:
-                out["eval/loss"] = _loss(preds, gold, task.is_regression)
+                out[EVAL_LOSS] = _loss(preds, gold, task.is_regression)
     finally:
         model.train(was_training)
     return out

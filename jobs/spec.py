@@ -13,6 +13,10 @@ Entry points: `load_job_spec(path, overrides)` (YAML file + `a.b=value` override
 path, objective error, DeepSpeed conflict) becomes one line "file:line: dotted.key: message" of a
 single `SpecError`; all problems are collected and reported together.
 
+The `task:` section lives in `jobs.taskspec`, the `deepspeed:` section and the DeepSpeed config generated
+from it in `jobs.deepspeed_config`, and the strict-config machinery (errors, YAML with line numbers,
+overrides) in `jobs.specbase`.
+
 Paths in the spec (task.glue_dir, task.dataset.files, teacher/student local directories, output.dir)
 are resolved against the YAML file's directory (overrides included) and stored absolute, so the
 resolved spec means the same thing in any worker's working directory.
@@ -20,32 +24,29 @@ resolved spec means the same thing in any worker's working directory.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import importlib.util
 import json
 import os
-import re
-import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo
-from pydantic import field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
-import ckd
-from jobs.glue import GLUE_LAYOUTS, GLUE_TASKS, PRIMARY_METRIC, TaskInfo, glue_task_key
+from ckd.config import resolve_terms
+from ckd.errors import ObjectiveConfigError
+from jobs.deepspeed_config import DeepSpeedSpec, config_conflicts, generated_config, merge_config
+from jobs.glue import glue_task_key
 from jobs.specbase import Problems, SpecError, SpecIssue, StrictModel, apply_overrides, line_of, raise_if
 from jobs.specbase import read_yaml_mapping, resolve_path, validation_issues
 from jobs.storage import tracking_uri_or_default
+from jobs.taskspec import HUB_ID, TaskSpec, files_fingerprint
 
 __all__ = [
-    "ArchitectureStudent", "DatasetSource", "DeepSpeedSpec", "FinetuneSpec", "FromTeacherStudent", "JobSpec",
-    "MlflowSpec", "OutputSpec", "SpecError", "SpecIssue", "StudentSpec", "TaskSpec", "TeacherSpec",
-    "TrainingSpec", "load_job_spec",
+    "ArchitectureStudent", "FinetuneSpec", "FromTeacherStudent", "JobSpec", "MlflowSpec", "OutputSpec",
+    "StudentSpec", "TeacherSpec", "TrainingSpec", "load_job_spec",
 ]  # fmt: skip
 
 DEFAULT_EXPERIMENT = "ckd-jobs"
@@ -53,8 +54,6 @@ MLFLOW_KEY_LIMIT = 250
 MLFLOW_VALUE_LIMIT = 6000
 # Bump when the meaning of the teacher cache key's inputs changes, so old cached teachers are never reused.
 _TEACHER_CACHE_VERSION = 1
-# Mirrors jobs.data.FILE_FORMATS (not imported: jobs.data pulls in `datasets`, seconds of start-up).
-_FILE_FORMATS = (".csv", ".json", ".jsonl", ".parquet")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -64,9 +63,6 @@ def _package_models() -> dict[str, tuple[str, str]]:
     from .packaged import PACKAGE_MODELS
 
     return dict(PACKAGE_MODELS)
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def _check_model_source(value: Any, info: ValidationInfo) -> str:
@@ -82,7 +78,7 @@ def _check_model_source(value: Any, info: ValidationInfo) -> str:
             raise ValueError(f"unknown packaged model {alias!r}; known: {', '.join(sorted(known))}")
         return value
     path = resolve_path(value, info)
-    if path.exists() or value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
+    if path.exists() or value.startswith((".", "/", "~")) or not HUB_ID.match(value):
         if not path.is_dir():
             raise ValueError(f"local model directory {str(path)!r} does not exist (nor is {value!r} a Hub id)")
         if not (path / "config.json").is_file():
@@ -119,230 +115,7 @@ def _raw_glue_name(info: ValidationInfo) -> str | None:
         return None
 
 
-def _files_fingerprint(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
-    """(name, size, mtime) per file: detects edits without reading the data; the directory itself is left
-    out so the same files at another path (another node's copy with preserved mtimes) share the key."""
-    out = []
-    for p in sorted(paths):
-        try:
-            st = p.stat()
-            out.append((p.name, st.st_size, st.st_mtime_ns))
-        except OSError:
-            out.append((p.name, -1, -1))
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- models
-
-
-
-class DatasetSource(StrictModel):
-    """A generic dataset: a Hub dataset (`hub`, optional `config`, `revision`, `splits`) or local files
-    per split (`files: {train: a.csv, validation: b.jsonl}`). The shorthand `dataset: <hub id>` means
-    `{hub: <hub id>}`. Split "train" is required; every other split is a dev split."""
-
-    hub: str | None = None
-    config: str | None = None
-    revision: str | None = None
-    splits: dict[str, str] | None = None
-    files: dict[str, Path] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, data: Any) -> Any:
-        return {"hub": data} if isinstance(data, str) else data
-
-    @field_validator("files", mode="before")
-    @classmethod
-    def _resolve_files(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, Mapping):
-            return {k: resolve_path(v, info) for k, v in value.items()}
-        return value
-
-    @field_validator("files")
-    @classmethod
-    def _check_files(cls, value: dict[str, Path] | None) -> dict[str, Path] | None:
-        if value is None:
-            return value
-        problems = []
-        for split, path in value.items():
-            if path.suffix.lower() not in _FILE_FORMATS:
-                problems.append((split, f"unsupported file {str(path)!r}; expected one of {', '.join(_FILE_FORMATS)}"))
-            elif not path.is_file():
-                problems.append((split, f"data file {str(path)!r} does not exist"))
-        raise_if(problems)
-        return value
-
-    @model_validator(mode="after")
-    def _check(self) -> DatasetSource:
-        problems = []
-        if (self.hub is None) == (self.files is None):
-            problems.append(("", "set exactly one of hub (a Hub dataset id) and files (split -> local file)"))
-        if self.files is not None:
-            for key in ("config", "revision", "splits"):
-                if getattr(self, key) is not None:
-                    problems.append((key, "only for a Hub dataset (dataset.hub)"))
-        splits = self.files if self.files is not None else (self.splits or {"train": "train"})
-        if "train" not in splits:
-            problems.append(("files" if self.files is not None else "splits", f"no 'train' split among {list(splits)}"))
-        if self.hub is not None and not _HUB_ID.match(self.hub):
-            problems.append(("hub", f"expected a Hub dataset id like 'org/name', got {self.hub!r}"))
-        raise_if(problems)
-        return self
-
-
-class TaskSpec(StrictModel):
-    """The task: a GLUE task (`glue`, optional local `glue_dir` in the official layout; the Hub otherwise)
-    or a generic `dataset` with its fields, labels and metric."""
-
-    glue: str | None = None
-    glue_dir: Path | None = None
-    dataset: DatasetSource | None = None
-    name: str | None = Field(None, description="dataset tasks: name used in cache keys and logs")
-    text_fields: list[str] | None = None
-    label_field: str = "label"
-    label_names: list[str] | None = None
-    regression: bool = False
-    metric: str | None = Field(None, description="accuracy | f1 | mcc | pearson_spearman")
-    max_train_examples: int | None = Field(None, ge=1)
-    max_eval_examples: int | None = Field(None, ge=1)
-    subset_seed: int | None = Field(None, description="None keeps the first N rows; an int a seeded sample")
-    max_length: int = Field(128, ge=2)
-
-    @field_validator("glue_dir", mode="before")
-    @classmethod
-    def _resolve_glue_dir(cls, value: Any, info: ValidationInfo) -> Any:
-        return resolve_path(value, info)
-
-    @field_validator("glue")
-    @classmethod
-    def _check_glue(cls, value: str | None) -> str | None:
-        return None if value is None else glue_task_key(value)  # ValueError lists the known tasks
-
-    @field_validator("metric")
-    @classmethod
-    def _check_metric(cls, value: str | None) -> str | None:
-        if value is not None and value not in PRIMARY_METRIC:
-            raise ValueError(f"unknown metric kind {value!r}; expected one of {', '.join(PRIMARY_METRIC)}")
-        return value
-
-    @model_validator(mode="after")
-    def _check(self) -> TaskSpec:
-        problems: list[tuple[str, str]] = []
-        if (self.glue is None) == (self.dataset is None):
-            problems.append(("", "set exactly one of glue (a GLUE task name) and dataset (a generic dataset)"))
-            raise_if(problems)
-        if self.glue is not None:
-            # Defaults are accepted so that a dumped spec (`to_dict`) reads back.
-            for key in ("name", "text_fields", "label_field", "label_names", "regression", "metric"):
-                if getattr(self, key) != TaskSpec.model_fields[key].default:
-                    problems.append((key, f"only for a dataset task; GLUE task {self.glue!r} defines it"))
-            if self.glue_dir is not None:
-                problems += self._check_glue_dir()
-        else:
-            if self.glue_dir is not None:
-                problems.append(("glue_dir", "only for a GLUE task (task.glue)"))
-            fields = self.text_fields or []
-            if not 1 <= len(fields) <= 2:
-                problems.append(("text_fields", f"expected 1 or 2 text column names, got {self.text_fields!r}"))
-            elif len(set(fields)) != len(fields):
-                problems.append(("text_fields", f"duplicate column names {fields!r}"))
-            for reserved in ("label", "idx"):
-                if reserved in fields:
-                    problems.append(("text_fields", f"a text field may not be called {reserved!r}"))
-            if self.label_field in fields:
-                problems.append(("label_field", f"{self.label_field!r} is also a text field"))
-            names = self.label_names or []
-            if self.regression and self.label_names is not None:
-                problems.append(("label_names", "a regression task has no label_names"))
-            elif not self.regression and len(names) < 2:
-                problems.append(("label_names", "a classification task needs at least 2 label names "
-                                                "(or set regression: true)"))
-            elif len(set(names)) != len(names):
-                problems.append(("label_names", f"duplicate label names {names!r}"))
-            if not problems:
-                try:
-                    self.task_info()
-                except ValueError as err:
-                    problems.append(("", str(err)))
-        raise_if(problems)
-        return self
-
-    def _check_glue_dir(self) -> list[tuple[str, str]]:
-        root = self.glue_dir
-        assert root is not None and self.glue is not None
-        layout = GLUE_LAYOUTS[self.glue]
-        if not root.is_dir():
-            return [("glue_dir", f"GLUE directory {str(root)!r} does not exist "
-                                 f"(expected a folder containing {layout.folder}/)")]
-        wanted = layout.folder.lower().replace("-", "")
-        folders = [p for p in root.iterdir() if p.is_dir() and p.name.lower().replace("-", "").replace("_", "") == wanted]
-        if not folders:
-            return [("glue_dir", f"no {layout.folder}/ folder in GLUE directory {str(root)!r}")]
-        missing = [n for n in layout.files.values() if not (folders[0] / n).is_file()]
-        if missing:
-            return [("glue_dir", f"{str(folders[0])!r} lacks {', '.join(missing)}")]
-        return []
-
-    @property
-    def task_name(self) -> str:
-        if self.glue is not None:
-            return self.glue
-        if self.name:
-            return self.name
-        if self.dataset is not None and self.dataset.hub:
-            return self.dataset.hub.rsplit("/", 1)[-1]
-        return "custom"
-
-    def task_info(self) -> TaskInfo:
-        """The task's `TaskInfo` (label names, metric, dev splits), without reading any data."""
-        if self.glue is not None:
-            return GLUE_TASKS[self.glue]
-        assert self.dataset is not None
-        splits = self.dataset.files if self.dataset.files is not None else (
-            self.dataset.splits or {"train": "train", "validation": "validation"})
-        kind = self.metric or ("pearson_spearman" if self.regression else "accuracy")
-        dev = tuple(s for s in splits if s != "train")
-        return TaskInfo(self.task_name, tuple(self.text_fields or ()), tuple(self.label_names or ()),
-                        self.regression, kind, dev)
-
-    def source(self) -> Any:
-        """The `jobs.data` source (`GlueSource` or `CustomSource`) that loads this task's data."""
-        from jobs.data import CustomSource, GlueSource
-
-        if self.glue is not None:
-            return GlueSource(self.glue, glue_dir=self.glue_dir)
-        assert self.dataset is not None and self.text_fields is not None
-        common = dict(name=self.task_name, text_fields=self.text_fields, label_names=self.label_names or (),
-                      label_field=self.label_field, is_regression=self.regression, metric_kind=self.metric)
-        if self.dataset.files is not None:
-            return CustomSource(data_files=dict(self.dataset.files), **common)
-        extra = {"hub_splits": self.dataset.splits} if self.dataset.splits else {}
-        return CustomSource(hub_id=self.dataset.hub, hub_config=self.dataset.config,
-                            revision=self.dataset.revision, **common, **extra)
-
-    def _data_identity(self) -> dict[str, Any]:
-        """What determines the training data (for cache keys): the source and row selection, not paths."""
-        out: dict[str, Any] = {"task": self.task_name, "max_train_examples": self.max_train_examples,
-                               "subset_seed": self.subset_seed, "max_length": self.max_length}
-        if self.glue is not None:
-            if self.glue_dir is None:
-                out["hub"] = "nyu-mll/glue"
-            else:
-                folder = next((p for p in self.glue_dir.iterdir()
-                               if p.is_dir() and p.name.lower().replace("-", "") ==
-                               GLUE_LAYOUTS[self.glue].folder.lower().replace("-", "")), self.glue_dir)
-                out["files"] = _files_fingerprint(folder / n for n in GLUE_LAYOUTS[self.glue].files.values())
-        else:
-            assert self.dataset is not None
-            out.update(text_fields=self.text_fields, label_field=self.label_field, label_names=self.label_names,
-                       regression=self.regression)
-            if self.dataset.files is not None:
-                out["files"] = {s: _files_fingerprint([p]) for s, p in self.dataset.files.items()}
-            else:
-                out.update(hub=self.dataset.hub, config=self.dataset.config, revision=self.dataset.revision,
-                           splits=self.dataset.splits)
-        return out
 
 
 class FinetuneSpec(StrictModel):
@@ -460,33 +233,6 @@ class TrainingSpec(StrictModel):
         return self
 
 
-# DeepSpeed keys the job builds itself from training.* and must not come from the raw config.
-_DS_RESERVED = {"optimizer": "the job builds the optimizer from training.learning_rate/weight_decay",
-                "scheduler": "the job builds the schedule from training.warmup_ratio"}
-
-
-class DeepSpeedSpec(StrictModel):
-    """DeepSpeed settings. zero_stage defaults to 0 (plain data parallel): right on CPU and for small
-    students; use 2 or 3 (+ offload_optimizer) for large models on GPUs. `config` is raw DeepSpeed JSON
-    merged into the generated config; a raw value contradicting a generated one is an error."""
-
-    zero_stage: int = Field(0, ge=0, le=3)
-    offload_optimizer: bool = False
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    config: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _check(self) -> DeepSpeedSpec:
-        problems = []
-        if self.offload_optimizer and self.zero_stage == 0:
-            problems.append(("offload_optimizer", "needs zero_stage >= 1"))
-        for key, why in _DS_RESERVED.items():
-            if key in self.config:
-                problems.append((f"config.{key}", f"not allowed: {why}"))
-        raise_if(problems)
-        return self
-
-
 class MlflowSpec(StrictModel):
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/mlflow.db")
     experiment: str = Field(DEFAULT_EXPERIMENT, min_length=1)
@@ -546,8 +292,8 @@ class JobSpec(StrictModel):
             if glue:
                 value["task"] = glue
         try:
-            ckd.resolve_terms(value)
-        except ckd.ObjectiveConfigError as err:
+            resolve_terms(value)
+        except ObjectiveConfigError as err:
             raise Problems([(err.key, err.message)]) from None
         return value
 
@@ -556,8 +302,9 @@ class JobSpec(StrictModel):
     def _check_deepspeed(cls, value: DeepSpeedSpec, info: ValidationInfo) -> DeepSpeedSpec:
         training = info.data.get("training")
         if training is not None:
-            ours = _deepspeed_ours(value, training, world_size=None)
-            conflicts = _conflicts(value.config, ours)
+            ours = generated_config(value, batch_size=training.batch_size, grad_accumulation=training.grad_accumulation,
+                                    grad_clip=training.grad_clip, world_size=None)
+            conflicts = config_conflicts(value.config, ours)
             raise_if([(f"config.{key}", msg) for key, msg in conflicts])
         return value
 
@@ -599,7 +346,7 @@ class JobSpec(StrictModel):
 
     def resolved_objective(self) -> dict[str, dict[str, Any]]:
         """The objective's terms with the preset expanded ({name: {kind, options...}})."""
-        return ckd.resolve_terms(self.objective)
+        return resolve_terms(self.objective)
 
     def teacher_train_examples(self) -> int | None:
         """Training rows the teacher is fine-tuned on (None: all)."""
@@ -617,14 +364,14 @@ class JobSpec(StrictModel):
         if source.startswith("package:"):
             source = [source, _package_models().get(source.removeprefix("package:"), [None, None])[1]]
         elif Path(source).is_absolute():
-            source = {"local": _files_fingerprint(p for p in Path(source).iterdir() if p.is_file())}
+            source = {"local": files_fingerprint(p for p in Path(source).iterdir() if p.is_file())}
         info = self.task.task_info()
         ft = self.teacher.finetune
         payload = {
             "version": _TEACHER_CACHE_VERSION,
             "teacher": source,
             "finetune": None if ft is None else ft.model_dump(mode="json", exclude={"max_train_examples"}),
-            "data": {**self.task._data_identity(), "max_train_examples": self.teacher_train_examples()},
+            "data": {**self.task.data_identity(), "max_train_examples": self.teacher_train_examples()},
             "labels": list(info.label_names),
             "regression": info.is_regression,
         }
@@ -648,12 +395,13 @@ class JobSpec(StrictModel):
                 f"{t.grad_accumulation} accumulation step(s) (micro batch would be "
                 f"{t.batch_size / (world_size * t.grad_accumulation):g}); use a multiple of "
                 f"{world_size * t.grad_accumulation}"))
-        ours = _deepspeed_ours(self.deepspeed, t, world_size)
-        conflicts = _conflicts(self.deepspeed.config, ours)
+        ours = generated_config(self.deepspeed, batch_size=t.batch_size, grad_accumulation=t.grad_accumulation,
+                                grad_clip=t.grad_clip, world_size=world_size)
+        conflicts = config_conflicts(self.deepspeed.config, ours)
         if conflicts:
             raise SpecError([SpecIssue(self._file, line_of(self._lines, f"deepspeed.config.{k}"),
                                        f"deepspeed.config.{k}", m) for k, m in conflicts])
-        return _merge(self.deepspeed.config, ours)
+        return merge_config(self.deepspeed.config, ours)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec as JSON-compatible data (absolute paths); `from_mapping` reads it back."""
@@ -672,67 +420,6 @@ class JobSpec(StrictModel):
         for key, value in flat.items():
             out[_truncate(key, MLFLOW_KEY_LIMIT)] = _truncate(value, MLFLOW_VALUE_LIMIT)
         return out
-
-
-# --------------------------------------------------------------------------------------------- DeepSpeed
-
-# Generated DeepSpeed key -> the spec key it comes from (named in conflict messages).
-_DS_ORIGIN = {
-    "train_batch_size": "training.batch_size",
-    "train_micro_batch_size_per_gpu": "training.batch_size / (world_size x training.grad_accumulation)",
-    "gradient_accumulation_steps": "training.grad_accumulation",
-    "gradient_clipping": "training.grad_clip",
-    "zero_optimization.stage": "deepspeed.zero_stage",
-    "zero_optimization.offload_optimizer.device": "deepspeed.offload_optimizer",
-    "bf16.enabled": "deepspeed.precision",
-    "fp16.enabled": "deepspeed.precision",
-}
-
-
-def _deepspeed_ours(ds: DeepSpeedSpec, training: TrainingSpec, world_size: int | None) -> dict[str, Any]:
-    ours: dict[str, Any] = {
-        "train_batch_size": training.batch_size,
-        "gradient_accumulation_steps": training.grad_accumulation,
-        "gradient_clipping": training.grad_clip,
-        "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16"},
-    }
-    if world_size is not None:
-        ours["train_micro_batch_size_per_gpu"] = training.batch_size // (world_size * training.grad_accumulation)
-    if ds.zero_stage >= 1:
-        ours["zero_optimization"]["offload_optimizer"] = {"device": "cpu" if ds.offload_optimizer else "none"}
-    return ours
-
-
-def _conflicts(raw: Mapping[str, Any], ours: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
-    """Raw keys whose value differs from ours ("auto" defers to ours); nested mappings compared key by key."""
-    out = []
-    for key, value in ours.items():
-        if key not in raw:
-            continue
-        dotted = f"{prefix}{key}"
-        theirs = raw[key]
-        if isinstance(value, Mapping):
-            if isinstance(theirs, Mapping):
-                out += _conflicts(theirs, value, f"{dotted}.")
-            else:
-                out.append((dotted, f"expected a mapping (the job sets {json.dumps(value)}), got {theirs!r}"))
-        elif theirs != "auto" and (theirs != value or isinstance(theirs, bool) != isinstance(value, bool)):
-            origin = _DS_ORIGIN.get(dotted, "the spec")
-            out.append((dotted, f"raw value {theirs!r} conflicts with {value!r} set from {origin}; "
-                                f"remove it, set it to 'auto', or change {origin.split(' ')[0]}"))
-    return out
-
-
-def _merge(raw: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, Any]:
-    merged = json.loads(json.dumps(raw))  # a deep copy of plain JSON data
-    for key, value in ours.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 # ------------------------------------------------------------------------------------------- flattening

@@ -1,5 +1,5 @@
-"""Small, dependency-free helpers for where results go: crash-safe file writes, and the MLflow store a
-job or sweep uses when none is named."""
+"""Small, dependency-free helpers for where results go: crash-safe file writes, the cache root shared by
+jobs and sweeps, and the MLflow store a job or sweep uses when none is named."""
 
 from __future__ import annotations
 
@@ -46,6 +46,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, data: Any, *, default: Callable[[Any], Any] = str) -> None:
     """`write_text_atomic` of `data` as indented JSON (`default` converts what JSON cannot hold)."""
     write_text_atomic(path, json.dumps(data, indent=1, default=default))
+
+
+def cache_root() -> Path:
+    """Where fine-tuned teachers, tokenised data and the sweep index are cached: $CKD_CACHE_DIR, else
+    ~/.cache/ckd-orchestrate. A sweep points it at its own directory so that its trials share one teacher."""
+    root = os.environ.get("CKD_CACHE_DIR")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "ckd-orchestrate"
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:

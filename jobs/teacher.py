@@ -19,9 +19,9 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from jobs.data import make_dataloader, model_inputs
-from jobs.evaluation import cache_root, evaluate, load_job_data
+from jobs.evaluation import evaluate, load_job_data
 from jobs.models import PROBLEM_TYPES, export_student, load_teacher, load_tokenizer
-from jobs.storage import file_lock, write_json_atomic
+from jobs.storage import cache_root, file_lock, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ worker and in a Tune trial thread. The store is the one of ``mlflow.get_tracking
 is passed; set it once with ``use_tracking_store(resolve_tracking_uri(...))`` (that also exports
 ``MLFLOW_TRACKING_URI`` to child processes, and creates a new SQLite store safely).
 
-Layout written (see docs/contracts-sweep.md): params flattened (``JobSpec.flat_params``), metrics per
-evaluation with ``step`` = optimizer step, and the best student as a transformers-flavour LoggedModel
-named "student" linked to the run.
+Layout written (the sweep's registry and reports read it back): params flattened (``JobSpec.flat_params``),
+metrics per evaluation with ``step`` = optimizer step, and the best student as a transformers-flavour
+LoggedModel named "student" linked to the run.
 
 Offline: nothing here contacts the Hugging Face Hub. ``log_student`` loads the export directory with
 ``local_files_only`` and passes explicit pip requirements, so MLflow neither infers requirements in a
@@ -42,7 +42,7 @@ __all__ = [
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for params in one log_batch call
 MAX_METRICS_PER_BATCH = 1000  # and for metrics
-STUDENT_MODEL_NAME = "student"  # the LoggedModel name of a job's best student (docs/contracts-sweep.md)
+STUDENT_MODEL_NAME = "student"  # the LoggedModel name of a job's best student, as the registry looks it up
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 

@@ -86,8 +86,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator.control import submit
     from orchestrator.plan import check_plan
-    from orchestrator.submit import submit
 
     grid = _load_grid_or_exit(args.grid, args.overrides)
     problems = check_plan(grid)
@@ -98,47 +98,49 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from orchestrator.submit import resume
+    from orchestrator.control import resume
 
     return resume(_sweep_or_exit(args.sweep), detach=args.detach)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator.submit import print_status
+    from orchestrator.control import show_status
 
-    print_status(_sweep_or_exit(args.sweep))
+    show_status(_sweep_or_exit(args.sweep))
     return 0
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from orchestrator.submit import print_logs
+    from orchestrator.console import print_logs
+    from orchestrator.control import driver_log
 
-    return print_logs(_sweep_or_exit(args.sweep), args.trial, tail=args.tail)
+    sweep = _sweep_or_exit(args.sweep)
+    text = driver_log(sweep, args.tail) if args.trial is None else None
+    return print_logs(sweep, args.trial, args.tail, text)
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    from orchestrator.submit import cancel
+    from orchestrator.control import cancel
 
     return cancel(_sweep_or_exit(args.sweep))
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
-    from orchestrator.submit import print_best
+    from orchestrator.console import print_best
 
     return print_best(_sweep_or_exit(args.sweep))
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.grid import GridSpec
     from orchestrator.report import front_report
-
-    from orchestrator.driver import load_grid_of
 
     sweep = _sweep_or_exit(args.sweep)
     state = sweep.state()
     if not state.get("parent_run_id"):
         print(f"error: sweep {sweep.sweep_id} has not started yet (no MLflow parent run)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    grid = load_grid_of(sweep)
+    grid = GridSpec.from_record(sweep.record())
     out = front_report(state["parent_run_id"], grid.metric_name, Path(args.out or sweep.path / "report.png"),
                        mode=grid.metric_mode, tracking_uri=state["tracking_uri"])
     print(f"report: {out} (and {out.with_suffix('.csv')}), logged to the sweep's parent run")

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -19,18 +20,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orchestrator.state import SweepDir
+from cluster.base import SweepStatus
+from orchestrator import records
+from orchestrator.grid import GridSpec
+from orchestrator.launch import RECORD_ENV, bootstrap_sweep
+from orchestrator.space import Sampled
+from orchestrator.state import StatusMoveError, SweepDir
+from orchestrator.trial import TrialContext
+from orchestrator.tune import build_tuner
 
 log = logging.getLogger("orchestrator.driver")
 
 TEACHER_KEYS = ("teacher.", "task.")
 
 
-def load_grid_of(sweep: SweepDir) -> Any:
-    from orchestrator.grid import GridSpec
-
-    record = sweep.sweep()
-    return GridSpec.from_mapping(record["grid"], base_dir=Path(record["grid_file"]).parent, file=record["grid_file"])
+def load_grid_of(sweep: SweepDir) -> GridSpec:
+    """The grid of a submitted sweep, from its sweep.json (checked at submit: its points are not re-checked)."""
+    return GridSpec.from_record(sweep.record())
 
 
 def start_parent_run(sweep: SweepDir, grid: Any) -> str:
@@ -40,10 +46,11 @@ def start_parent_run(sweep: SweepDir, grid: Any) -> str:
 
     tracking.use_tracking_store(grid.tracking_uri())
     tracking.ensure_experiment(grid.mlflow.experiment)
-    record = sweep.sweep()
-    tags = {"ckd.sweep_id": sweep.sweep_id, "ckd.role": "sweep", "ckd.sweep_dir": str(sweep.path)}
+    record = sweep.record()
+    tags = {records.SWEEP_ID_TAG: sweep.sweep_id, records.ROLE_TAG: records.ROLE_SWEEP,
+            records.SWEEP_DIR_TAG: str(sweep.path)}
     if record.get("git_commit"):
-        tags["ckd.git_commit"] = record["git_commit"]
+        tags[records.GIT_COMMIT_TAG] = record["git_commit"]
     run_id = tracking.start_or_resume_run(grid.mlflow.experiment, sweep.sweep_id, tags, sweep.path / "parent_run_id")
     s = grid.sweep
     params = {"sweep.search": s.search.algorithm, "sweep.scheduler": s.scheduler.kind, "sweep.metric": grid.metric_name,
@@ -56,9 +63,8 @@ def start_parent_run(sweep: SweepDir, grid: Any) -> str:
     return run_id
 
 
-def prepare_teachers(grid: Any) -> None:
+def prepare_teachers(grid: GridSpec) -> None:
     """Fine-tune every teacher the grid's points need, once, before trials compete for the lock."""
-    from orchestrator.grid import Sampled
     from jobs.teacher import prepare_teacher
 
     seen: set[str] = set()
@@ -70,40 +76,6 @@ def prepare_teachers(grid: Any) -> None:
         seen.add(spec.teacher_cache_key())
         log.info("teacher stage: %s (fine-tune, cached by key %s)", spec.teacher.source, spec.teacher_cache_key()[:12])
         prepare_teacher(spec)
-
-
-def build_tuner(sweep: SweepDir, grid: Any) -> Any:
-    from ray import tune
-
-    from orchestrator.grid import TRIAL_DRIVER_CPUS
-    from orchestrator.trial import run_trial
-
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep_dir=str(sweep.path)),
-                                    {"cpu": TRIAL_DRIVER_CPUS})
-    if tune.Tuner.can_restore(str(sweep.tune_dir)):
-        log.info("restoring the Tune experiment in %s", sweep.tune_dir)
-        return tune.Tuner.restore(str(sweep.tune_dir), trainable, resume_unfinished=True, resume_errored=True)
-    s = grid.sweep
-    resources = ray_resources()
-    concurrent = grid.concurrent_trials(resources.get("CPU", 0), resources.get("GPU", 0))
-    if concurrent < 1:
-        raise RuntimeError(f"a trial needs {s.resources.cpus:g} CPUs and {s.resources.gpus:g} GPUs; the Ray "
-                           f"cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs")
-    return tune.Tuner(
-        trainable,
-        param_space=grid.tune_param_space(),
-        tune_config=tune.TuneConfig(metric=grid.metric_name, mode=grid.metric_mode, num_samples=s.samples,
-                                    search_alg=grid.search_algorithm(), scheduler=grid.scheduler(),
-                                    max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=sweep.tune_dir.name, storage_path=str(sweep.path),
-                                  failure_config=tune.FailureConfig(max_failures=s.max_failures)),
-    )
-
-
-def ray_resources() -> dict[str, float]:
-    import ray
-
-    return ray.cluster_resources()
 
 
 def init_ray(sweep: SweepDir, grid: Any) -> None:
@@ -130,7 +102,8 @@ def init_ray(sweep: SweepDir, grid: Any) -> None:
     ray.init(num_cpus=getattr(cluster, "num_cpus", None), num_gpus=getattr(cluster, "num_gpus", None),
              include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              runtime_env={"env_vars": env_vars}, **kwargs)
-    sweep.update_state(ray_pids=_local_ray_pids())
+    # Kept with the job's reference, where `cancel` (LocalBackend.cancel) looks for them.
+    sweep.update_state(backend={"ray_pids": _local_ray_pids()})
 
 
 def _local_ray_pids() -> list[int]:
@@ -184,10 +157,10 @@ def run_sweep(sweep: SweepDir) -> dict[str, Any]:
 
     from orchestrator import registry, report
 
-    grid = load_grid_of(sweep)
+    grid = GridSpec.from_record(sweep.record())
     os.environ["CKD_CACHE_DIR"] = str(sweep.cache_dir)
     os.environ["MLFLOW_TRACKING_URI"] = grid.tracking_uri()
-    sweep.update_state(status="running", driver_pid=os.getpid())
+    sweep.set_status(SweepStatus.RUNNING, driver_pid=os.getpid())
     parent = start_parent_run(sweep, grid)
     sweep.update_state(parent_run_id=parent, tracking_uri=grid.tracking_uri(),
                        experiment=grid.mlflow.experiment)
@@ -197,7 +170,8 @@ def run_sweep(sweep: SweepDir) -> dict[str, Any]:
         init_ray(sweep, grid)
         if callable(cancel_handler):  # ray.init installs a SIGTERM handler that exits: keep a cancel a cancel
             signal.signal(signal.SIGTERM, cancel_handler)
-        results = build_tuner(sweep, grid).fit()
+        # Built once, after the parent run exists; a restored Tuner gets the same trainable and context.
+        results = build_tuner(sweep, grid, TrialContext.for_sweep(sweep, grid, parent)).fit()
         # Nothing below needs Ray. Disconnecting now stops the output Ray forwards from trial workers (their
         # teardown, which can end in a crash dump) from landing after the sweep's closing lines.
         shutdown_ray()
@@ -205,16 +179,14 @@ def run_sweep(sweep: SweepDir) -> dict[str, Any]:
         if stop_file and Path(stop_file).exists():
             # Slurm's walltime warning: Tune has saved its state; the requeued job restores it.
             log.info("stopped for a requeue; the sweep continues in the requeued job")
-            sweep.update_state(status="pending")
+            sweep.set_status(SweepStatus.PENDING)
             return sweep.state()
         errors = [r for r in results if r.error is not None]
         stopped = finish_children(parent, grid.tracking_uri())
         version = registry.register_champion(parent, grid.metric_name, grid.metric_mode, grid.mlflow.registered_model,
                                              alias=grid.mlflow.alias, tracking_uri=grid.tracking_uri())
-        champion = {"model": grid.mlflow.registered_model, "version": version.version, "alias": grid.mlflow.alias,
-                    "uri": f"models:/{grid.mlflow.registered_model}@{grid.mlflow.alias}",
-                    "run_id": version.run_id, "trial_id": (version.tags or {}).get("ckd.trial_id"),
-                    "metric": grid.metric_name, "value": float((version.tags or {}).get("ckd.metric_value", "nan"))}
+        champion = records.champion_record(version, model=grid.mlflow.registered_model, alias=grid.mlflow.alias,
+                                           metric=grid.metric_name)
         describe_parent(parent, champion, version, grid.tracking_uri())
         try:
             report.front_report(parent, grid.metric_name, sweep.path / "report.png", mode=grid.metric_mode,
@@ -222,8 +194,8 @@ def run_sweep(sweep: SweepDir) -> dict[str, Any]:
         except Exception as err:  # a report problem must not fail a finished sweep
             log.warning("could not write the report: %s", err)
         mlflow.MlflowClient(grid.tracking_uri()).set_terminated(parent, "FINISHED")
-        state = sweep.update_state(status="finished", champion=champion, trials=len(results),
-                                   failed_trials=len(errors), stopped_early=stopped)
+        state = sweep.set_status(SweepStatus.FINISHED, champion=champion, trials=len(results),
+                                 failed_trials=len(errors), stopped_early=stopped)
         log.info("sweep %s finished: champion %s (%s %s = %.4f)", sweep.sweep_id, champion["uri"],
                  champion["trial_id"], grid.metric_name, champion["value"])
         return state
@@ -232,11 +204,15 @@ def run_sweep(sweep: SweepDir) -> dict[str, Any]:
         if stop_file and Path(stop_file).exists():
             # Slurm is requeueing the job (whatever the stop made Tune raise): the next run restores the sweep
             # and continues its parent run.
-            sweep.update_state(status="pending")
+            sweep.set_status(SweepStatus.PENDING)
             raise
-        status = "cancelled" if isinstance(err, KeyboardInterrupt) else "failed"
-        mlflow.MlflowClient(grid.tracking_uri()).set_terminated(parent, "KILLED" if status == "cancelled" else "FAILED")
-        sweep.update_state(status=status, error=f"{type(err).__name__}: {err}"[:2000])
+        status = SweepStatus.CANCELLED if isinstance(err, KeyboardInterrupt) else SweepStatus.FAILED
+        mlflow.MlflowClient(grid.tracking_uri()).set_terminated(
+            parent, "KILLED" if status == SweepStatus.CANCELLED else "FAILED")
+        # `cancel` may have marked the sweep cancelled already (it stops waiting for a slow driver): a failure
+        # while stopping does not turn a cancel into a failure.
+        with contextlib.suppress(StatusMoveError):
+            sweep.set_status(status, error=f"{type(err).__name__}: {err}"[:2000])
         raise
     finally:
         shutdown_ray()
@@ -247,68 +223,6 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-
-
-# The environment variable that carries a sweep's record (sweep.json + grid.yaml) to a driver on a cluster
-# that does not share the submitting machine's file system (Ray Jobs API, KubeRay).
-RECORD_ENV = "CKD_SWEEP_RECORD"
-# Linux caps one environment string at 128 KiB (MAX_ARG_STRLEN); stay well below it.
-MAX_RECORD_CHARS = 100_000
-
-
-def sweep_record(sweep: SweepDir) -> str:
-    """The sweep's record as one string: what a remote driver needs to create the sweep directory.
-
-    Base64 of the JSON: Ray expands `$NAME` in a runtime environment's variables, which would rewrite a
-    grid whose comments or values hold a `$` (seen with a `$RAY_AUTH_TOKEN_PATH` in a comment).
-
-    Raises:
-        ValueError: the record is too large for an environment variable.
-    """
-    import base64
-    import json
-
-    text = json.dumps({"sweep": sweep.sweep(), "grid_yaml": (sweep.path / "grid.yaml").read_text()},
-                      separators=(",", ":"))
-    encoded = base64.b64encode(text.encode()).decode("ascii")
-    if len(encoded) > MAX_RECORD_CHARS:
-        raise ValueError(f"the sweep record of {sweep.path} is {len(encoded):,} characters, more than the "
-                         f"{MAX_RECORD_CHARS:,} an environment variable can carry; shorten the grid")
-    return encoded
-
-
-def bootstrap_sweep(sweep: SweepDir, record_text: str) -> bool:
-    """Create the sweep directory from a shipped record when it is missing; keep an existing one, which
-    the driver then continues from its Tune state (a KubeRay retry on a PVC, a shared file system).
-
-    Returns:
-        True when the directory was created here.
-
-    Raises:
-        ValueError: the record is not a sweep record, or belongs to another sweep id.
-    """
-    import base64
-    import binascii
-    import json
-
-    from jobs.storage import write_json_atomic
-
-    try:
-        record = json.loads(base64.b64decode(record_text, validate=True))
-        meta, grid_yaml = record["sweep"], record["grid_yaml"]
-        shipped_id = meta["sweep_id"]
-    except (ValueError, KeyError, TypeError, binascii.Error) as err:
-        raise ValueError(f"${RECORD_ENV}: expected the base64 JSON record of a sweep ({{sweep, grid_yaml}}): "
-                         f"{type(err).__name__}: {err}") from None
-    if shipped_id != sweep.sweep_id:
-        raise ValueError(f"the shipped record is of sweep {shipped_id!r}, but the driver was started on {sweep.path}")
-    if sweep.exists():
-        return False
-    (sweep.path / "logs").mkdir(parents=True, exist_ok=True)
-    (sweep.path / "grid.yaml").write_text(grid_yaml)
-    write_json_atomic(sweep.path / "sweep.json", meta)
-    sweep.update_state(status="pending")
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

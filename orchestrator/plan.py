@@ -1,4 +1,9 @@
-"""`ckd-orchestrate plan`: what can be checked without running, and what the sweep will be."""
+"""`ckd-orchestrate plan`: what can be checked without running, and what the sweep will be.
+
+The backend's own checks and what it would hand its scheduler come from the backend interface
+(`Backend.plan_problems`, `Backend.plan_text`), given the launch `submit` would build
+(orchestrator.launch.plan_launch); nothing here knows a backend by name.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +11,39 @@ import json
 import math
 import os
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from cluster.base import Backend, DriverLaunch, TrialShape, backend_class
+from cluster.local import LocalBackend
+from jobs.packaged import resolve_source
 from jobs.storage import sqlite_path
+from orchestrator.launch import plan_launch
+from orchestrator.records import server_problem
 
 # Measured on the project's 2-core CPU machine (docs/performance.md); only for the rough CPU estimate.
 CPU_GFLOPS = 65.0
 
 
-def _local_resources(grid: Any) -> tuple[float, float]:
-    cluster = grid.cluster
-    cpus = getattr(cluster, "num_cpus", None) or os.cpu_count() or 1
-    gpus = getattr(cluster, "num_gpus", None)
-    if gpus is None:
-        try:
-            import torch
+def _backend_launch(grid: Any) -> tuple[Backend, DriverLaunch]:
+    """The grid's backend, and the driver's launch `submit` would hand it (placeholders for the sweep)."""
+    backend = backend_class(grid.backend)(grid.cluster)
+    return backend, plan_launch(grid, backend)
 
-            gpus = torch.cuda.device_count()
-        except Exception:
-            gpus = 0
-    return float(cpus), float(gpus)
+
+def trial_shape(grid: Any) -> TrialShape:
+    """One trial's generic resources (`sweep.resources`), for the backend's fit checks."""
+    from orchestrator.space import TRIAL_DRIVER_CPUS
+
+    r = grid.sweep.resources
+    return TrialShape(workers=r.workers, cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
+                      driver_cpus=TRIAL_DRIVER_CPUS)
 
 
 def _teacher_config(source: str) -> dict[str, Any] | None:
-    from jobs.models import resolve_source
-
     try:
         path = Path(resolve_source(source)) / "config.json"
     except Exception:
@@ -58,22 +66,10 @@ def check_plan(grid: Any) -> list[str]:
             probe = probe.parent
         if not os.access(probe, os.W_OK):
             problems.append(f"mlflow.tracking_uri: cannot create the SQLite store in {folder} (not writable)")
-    elif uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
-        except Exception as err:
-            problems.append(f"mlflow.tracking_uri: the MLflow server {uri} is not reachable ({err})")
-    if grid.backend in ("ray", "kubernetes"):  # the cluster's own checks (ray: the dashboard answers us)
-        import importlib
-
-        problems += importlib.import_module(f"cluster.{grid.backend}.sweeps").plan_problems(grid)
-    if grid.backend == "local":
-        cpus, gpus = _local_resources(grid)
-        if grid.concurrent_trials(cpus, gpus) < 1:
-            r = grid.sweep.resources
-            problems.append(f"sweep.resources: a trial needs {r.cpus:g} CPUs and {r.gpus:g} GPUs; this machine "
-                            f"offers {cpus:g} CPUs and {gpus:g} GPUs (set cluster.num_cpus to run more "
-                            f"logical CPUs than cores, or lower cpus_per_worker)")
+    elif (problem := server_problem(uri)) is not None:
+        problems.append(f"mlflow.tracking_uri: the MLflow server {uri} is not reachable ({problem})")
+    backend, launch = _backend_launch(grid)
+    problems += backend.plan_problems(trial_shape(grid), launch)  # the backend's own (ray: the dashboard answers)
     return problems
 
 
@@ -88,15 +84,13 @@ def _train_rows(job: Any) -> int | None:
                 return max(0, sum(1 for _ in handle) - (train.suffix != ".jsonl"))
         return None
     if task.glue_dir is not None:
-        from jobs.glue import GLUE_LAYOUTS
+        from jobs.glue import GLUE_LAYOUTS, match_task_dir
 
-        layout = GLUE_LAYOUTS[task.glue]
-        for folder in Path(task.glue_dir).iterdir():
-            train = folder / layout.files.get("train", "train.tsv")
-            if folder.is_dir() and train.is_file() and folder.name.lower().replace("-", "") == \
-                    layout.folder.lower().replace("-", ""):
-                with open(train, "rb") as handle:
-                    return max(0, sum(1 for _ in handle) - 1)
+        folder = match_task_dir(task.glue_dir, task.glue)  # the folder the job reads
+        train = None if folder is None else folder / GLUE_LAYOUTS[task.glue].files["train"]
+        if train is not None and train.is_file():
+            with open(train, "rb") as handle:
+                return max(0, sum(1 for _ in handle) - 1)
     return None
 
 
@@ -135,7 +129,7 @@ def _verbatim(text: str) -> None:
 
 
 def print_plan(grid: Any, problems: list[str], console: Console | None = None) -> None:
-    from orchestrator.grid import trial_label
+    from orchestrator.space import trial_label
 
     console = console or Console()
     s = grid.sweep
@@ -150,7 +144,7 @@ def print_plan(grid: Any, problems: list[str], console: Console | None = None) -
     total_flops = 0.0
     for i, config in enumerate(configs):
         try:
-            from orchestrator.grid import Sampled
+            from orchestrator.space import Sampled
 
             fixed = {k: v for k, v in config.items() if not isinstance(v, Sampled)}
             est = estimate(grid.job_spec_for(fixed))
@@ -162,8 +156,9 @@ def print_plan(grid: Any, problems: list[str], console: Console | None = None) -
     r = s.resources
     line = (f"each trial: {r.workers} worker(s) x {r.cpus_per_worker:g} CPU"
             + (f" + {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else "") + " (DeepSpeed data parallel)")
-    if grid.backend == "local":
-        cpus, gpus = _local_resources(grid)
+    backend, launch = _backend_launch(grid)
+    if isinstance(backend, LocalBackend):  # trials share this machine: how many at once
+        cpus, gpus = backend.resources()
         line += f"; this machine: {cpus:g} CPUs, {gpus:g} GPUs -> {grid.concurrent_trials(cpus, gpus)} at a time"
     console.print(line)
     if total_flops:
@@ -172,25 +167,9 @@ def print_plan(grid: Any, problems: list[str], console: Console | None = None) -
     console.print(f"MLflow: {grid.tracking_uri()}  experiment {grid.mlflow.experiment!r}  registry "
                   f"models:/{grid.mlflow.registered_model}@{grid.mlflow.alias}")
     console.print(f"sweep root: {grid.sweep_root}")
-    if grid.backend == "kubernetes":
-        from cluster.kubernetes.manifest import render_rayjob, to_yaml
-        from cluster.kubernetes.sweeps import sweep_manifest
-
-        console.print("RayJob manifest:")
-        try:  # what submit applies, but for the sweep id and the record it carries
-            manifest = sweep_manifest(grid, "<sweep-id>", record="<sweep.json and grid.yaml of the sweep, as JSON>")
-        except ValueError:  # a grid the pods cannot run: listed under problems below
-            root = grid.cluster.storage.sweep_root
-            manifest = render_rayjob(grid.cluster, sweep_id="<sweep-id>", sweep_dir=f"{root}/<sweep-id>")
-        _verbatim(to_yaml(manifest))
-    if grid.backend == "slurm":
-        from cluster.slurm.backend import SlurmBackend
-
-        sweep_dir = grid.sweep_root / "<sweep-id>"
-        console.print("sbatch script:")
-        _verbatim(SlurmBackend().sbatch_script(sweep_dir, grid.cluster))
-        console.print("what the nodes run inside the allocation:")
-        _verbatim(SlurmBackend.node_commands(sweep_dir, grid.cluster))
+    for title, text in backend.plan_text(launch):  # what submit hands the scheduler, but for the sweep id
+        console.print(f"{title}:")
+        _verbatim(text)
     if problems:
         console.print("[bold red]problems:[/]")
         for problem in problems:

@@ -1,4 +1,4 @@
-"""The term interface and its registry."""
+"""The term interface and its registry (each kind's name and options: ckd.catalog)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..alignment import LayerMap, LayerSpec, resolve_layers
+from ..catalog import KINDS, Options
 from ..features import Features, FeatureNeeds, Needs, ModelShape, TaskShape
 
 _REGISTRY: dict[str, type["Term"]] = {}
@@ -26,19 +27,9 @@ class Targets:
     example_ids: Tensor | None = None
 
 
-@dataclass
-class Options:
-    """Options every term has. Subclasses add their own fields (all with defaults)."""
-
-    weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ValueError(f"weight: must be >= 0, got {self.weight}")
-
-
 class Term(nn.Module):
-    """One weighted loss term. Subclasses set `kind`, `Options`, `needs` and implement `forward`.
+    """One weighted loss term. Subclasses set `kind`, `Options`, `needs` and implement `forward`;
+    `kind` and `Options` are the ones ckd.catalog lists (what a configuration is checked against).
 
     A term is built once the shapes of both models and the task are known, so that everything that
     can be wrong with its options is found before the first batch.
@@ -69,10 +60,25 @@ class Term(nn.Module):
 
 
 def register(cls: type[Term]) -> type[Term]:
+    """Register a term class; its kind and Options must be the catalog's (so checking a config without
+    torch, against the catalog, accepts exactly what building it accepts)."""
     if cls.kind in _REGISTRY:
         raise RuntimeError(f"loss term {cls.kind!r} is registered twice")
+    if cls.kind not in KINDS:
+        raise RuntimeError(f"loss term {cls.kind!r} is not in ckd.catalog.KINDS: add it there")
+    if KINDS[cls.kind] is not cls.Options:
+        raise RuntimeError(
+            f"loss term {cls.kind!r} has Options {cls.Options.__name__}, ckd.catalog.KINDS says {KINDS[cls.kind].__name__}"
+        )
     _REGISTRY[cls.kind] = cls
     return cls
+
+
+def check_registry_complete() -> None:
+    """Every kind of the catalog has a registered term (called once every term module is imported)."""
+    missing = sorted(set(KINDS) - set(_REGISTRY))
+    if missing:
+        raise RuntimeError(f"ckd.catalog.KINDS lists loss terms with no registered Term class: {', '.join(missing)}")
 
 
 def registry() -> dict[str, type[Term]]:

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import relations as R
+from ..catalog import LayeredOptions, MiniLMOptions, MiniLMv2Options, TinyAttentionOptions
 from ..features import Features, FeatureNeeds, Needs
-from .base import Options, Targets, Term, hidden_state_needs, register, relation_float, require
-from .mlkd import LayeredOptions, ProjectedHiddenMSE, projected_mse
-
-
-@dataclass
-class TinyAttentionOptions(Options):
-    layers: Union[str, list] = "uniform"
-    # "scores": pre-softmax Q K^T / sqrt(d_h) as in TinyBERT (rebuilt from the captured Q and K);
-    # "probs": attention probabilities (what eager attention returns).
-    on: Literal["scores", "probs"] = "scores"
+from .base import Targets, Term, hidden_state_needs, register, relation_float, require
+from .mlkd import ProjectedHiddenMSE, projected_mse
 
 
 def attention_scores(q: Tensor, k: Tensor, heads: int) -> Tensor:
@@ -117,16 +108,6 @@ class PKD(Term):
         return total
 
 
-@dataclass
-class MiniLMOptions(Options):
-    teacher_layer: Union[int, None] = None  # None = the teacher's last layer
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.teacher_layer is not None and self.teacher_layer < 1:
-            raise ValueError(f"teacher_layer: must be >= 1, got {self.teacher_layer}")
-
-
 class _LastLayerTerm(Term):
     Options = MiniLMOptions
 
@@ -171,11 +152,6 @@ class MiniLM(_LastLayerTerm):
             mask,
         )
         return (attention + value).float()
-
-
-@dataclass
-class MiniLMv2Options(MiniLMOptions):
-    relation_heads: int = 12
 
 
 @register

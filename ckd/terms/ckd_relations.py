@@ -7,42 +7,13 @@ among layers), so the student's width and head count may differ from the teacher
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Union
-
 import torch
 from torch import Tensor
 
 from .. import relations as R
+from ..catalog import AngleOptions, PairOptions, WindowAngleOptions
 from ..features import Features, Needs
-from .base import Options, Targets, Term, hidden_state_needs, register
-
-
-@dataclass
-class PairOptions(Options):
-    layers: Union[str, list] = "emb+skip"
-    # "cos_kl": row-softmax of cosine similarities compared with KL (the paper's default);
-    # "distance": (squared) Euclidean distances compared with smooth-L1 / L1 / L2 (RKD-style).
-    mode: Literal["cos_kl", "distance"] = "cos_kl"
-    squared: bool = True
-    normalize: bool = True
-    distance_loss: Literal["smooth_l1", "l1", "l2"] = "smooth_l1"
-
-
-@dataclass
-class AngleOptions(Options):
-    layers: Union[str, list] = "emb+skip"
-
-
-@dataclass
-class WindowAngleOptions(AngleOptions):
-    # Neighbours j, k of token i with |j - i| <= (window - 1) / 2; null = every token (full angle).
-    window: Union[int, None] = 21
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.window is not None and (self.window < 3 or self.window % 2 == 0):
-            raise ValueError(f"window: must be an odd integer >= 3 (or null for the full relation), got {self.window}")
+from .base import Targets, Term, hidden_state_needs, register
 
 
 def _result(value: Tensor, dtype: torch.dtype) -> Tensor:

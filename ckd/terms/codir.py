@@ -8,37 +8,15 @@ versa (symmetric). In fine-tuning the negatives are examples with a different la
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..catalog import CoDIROptions
 from ..features import Features, FeatureNeeds, Needs
-from .base import Options, Targets, Term, cls_vectors, register
-
-
-@dataclass
-class CoDIROptions(Options):
-    student_layers: Union[str, list] = "all"
-    teacher_layers: Union[str, list] = "every_other"
-    dim: int = 128
-    temperature: float = 0.07
-    negatives: int = 100
-    momentum: float = 0.5
-    sampling: Literal["different_label", "random"] = "different_label"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.dim < 1:
-            raise ValueError(f"dim: must be >= 1, got {self.dim}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
-        if self.negatives < 1:
-            raise ValueError(f"negatives: must be >= 1, got {self.negatives}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
+from .base import Targets, Term, cls_vectors, register
 
 
 def _layer_list(spec: Union[str, list], depth: int, key: str) -> list[int]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..catalog import LogitKDOptions
 from ..features import Features, FeatureNeeds, Needs
-from .base import Options, Targets, Term, register, relation_float
+from .base import Targets, Term, register, relation_float
 
 
 @register
@@ -28,19 +27,6 @@ class CrossEntropy(Term):
         if self.task.is_regression:
             return F.mse_loss(logits.view(-1), targets.labels.to(logits.dtype).view(-1))
         return F.cross_entropy(logits, targets.labels.long())
-
-
-@dataclass
-class LogitKDOptions(Options):
-    temperature: float = 1.0
-    # Hinton scales by T^2 to keep gradient magnitudes comparable across temperatures; the CKD
-    # reference does not, so both are offered.
-    t_squared: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
 
 
 @register

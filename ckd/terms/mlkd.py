@@ -8,16 +8,15 @@ assumed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import relations as R
+from ..catalog import LayeredOptions, SupConOptions
 from ..features import Features, FeatureNeeds, Needs
-from .base import Options, Targets, Term, hidden_state_needs, masked_token_mean, register, relation_float, require
+from .base import Targets, Term, hidden_state_needs, masked_token_mean, register, relation_float, require
 
 
 @register
@@ -38,11 +37,6 @@ class EmbeddingRelation(Term):
             R.scaled_similarity(t, 1 / math.sqrt(t.shape[-1]), dtype),
             student.mask,
         ).float()
-
-
-@dataclass
-class LayeredOptions(Options):
-    layers: Union[str, list] = "uniform"
 
 
 @register
@@ -144,16 +138,6 @@ class SampleRelation(Term):
             R.scaled_similarity(t, 1 / math.sqrt(t.shape[-1]), dtype),
             everyone,
         ).float()
-
-
-@dataclass
-class SupConOptions(Options):
-    temperature: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
 
 
 @register

@@ -1,4 +1,5 @@
-"""`KubernetesBackend`: submit a RayJob, read its state, tail its logs, cancel it.
+"""`RayJobClient`: submit a RayJob, read its state, tail its logs, cancel it (the API side of the
+`kubernetes` backend, `cluster.kubernetes.backend.KubernetesBackend`).
 
 Two transports with one behaviour: the `kubernetes` Python client (default; the optional extra
 `ckd-orchestrate[kubernetes]`, imported only when a call needs it) or the `kubectl` binary
@@ -18,17 +19,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cluster.base import SweepStatus
 from cluster.kubernetes.config import KubernetesClusterSpec
 from cluster.kubernetes.manifest import (
     API_VERSION, GROUP, HEAD_CONTAINER, KIND, PLURAL, VERSION, check_manifest, to_yaml,
 )  # fmt: skip
 
 __all__ = [
-    "KubernetesApiError", "KubernetesBackend", "KubernetesUnavailableError", "RayJobExistsError",
+    "KubernetesApiError", "KubernetesUnavailableError", "RayJobClient", "RayJobExistsError",
     "RayJobNotFoundError", "RayJobStatus", "job_state",
 ]  # fmt: skip
 
 SIDECAR_SUBMITTER_CONTAINER = "ray-job-submitter"
+# Ray's job status -> the sweep status, where KubeRay's deployment status does not decide it.
+_RAY_JOB_STATES = {"RUNNING": SweepStatus.RUNNING, "SUCCEEDED": SweepStatus.FINISHED, "STOPPED": SweepStatus.CANCELLED,
+                   "FAILED": SweepStatus.FAILED}
 _PERMISSIONS_HINT = ("the identity in use needs rayjobs.ray.io create/get/delete, pods get/list and pods/log get "
                      "in the namespace")
 
@@ -58,11 +63,10 @@ class RayJobExistsError(KubernetesApiError):
 
 @dataclass(frozen=True)
 class RayJobStatus:
-    """What KubeRay reports in a RayJob's `.status`, plus `state`, one of the sweep states
-    pending | running | finished | failed | cancelled."""
+    """What KubeRay reports in a RayJob's `.status`, plus `state`, the sweep status it implies."""
 
     name: str
-    state: str
+    state: SweepStatus
     job_status: str = ""
     deployment_status: str = ""
     reason: str = ""
@@ -73,7 +77,7 @@ class RayJobStatus:
 
     @property
     def terminal(self) -> bool:
-        return self.state in ("finished", "failed", "cancelled")
+        return self.state.is_terminal
 
     @classmethod
     def from_rayjob(cls, obj: Mapping[str, Any]) -> RayJobStatus:
@@ -92,7 +96,7 @@ class RayJobStatus:
         )
 
 
-def job_state(deployment_status: str, job_status: str) -> str:
+def job_state(deployment_status: str, job_status: str) -> SweepStatus:
     """Map KubeRay's jobDeploymentStatus and Ray's jobStatus to a sweep state.
 
     Complete is terminal with the Ray job's outcome (SUCCEEDED -> finished, STOPPED -> cancelled, otherwise
@@ -101,15 +105,14 @@ def job_state(deployment_status: str, job_status: str) -> str:
     deployment status falls back on the Ray job's status.
     """
     if deployment_status == "Complete":
-        return {"SUCCEEDED": "finished", "STOPPED": "cancelled"}.get(job_status, "failed")
+        return {"SUCCEEDED": SweepStatus.FINISHED, "STOPPED": SweepStatus.CANCELLED}.get(job_status, SweepStatus.FAILED)
     if deployment_status in ("Failed", "ValidationFailed"):
-        return "failed"
+        return SweepStatus.FAILED
     if deployment_status in ("Running", "Retrying"):
-        return "running"
+        return SweepStatus.RUNNING
     if deployment_status in ("", "Initializing", "Waiting", "Suspending", "Suspended"):
-        return "pending"
-    return {"RUNNING": "running", "SUCCEEDED": "finished", "STOPPED": "cancelled", "FAILED": "failed"}.get(
-        job_status, "pending")
+        return SweepStatus.PENDING
+    return _RAY_JOB_STATES.get(job_status, SweepStatus.PENDING)
 
 
 # ----------------------------------------------------------------------------------------- transports
@@ -267,11 +270,11 @@ def _api_error(what: str, name: str, namespace: str, status: int, message: str) 
     return KubernetesApiError(text, status)
 
 
-# ------------------------------------------------------------------------------------------- backend
+# ------------------------------------------------------------------------------------------- client
 
 
-class KubernetesBackend:
-    """Runs sweeps as RayJobs in `spec.namespace`.
+class RayJobClient:
+    """Creates, reads, tails and deletes RayJobs in `spec.namespace`.
 
     Args:
         spec: the validated `cluster:` block (namespace, use_kubectl, kube_context, submission_mode).

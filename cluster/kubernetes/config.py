@@ -13,24 +13,12 @@ is rendered or sent.
       env: {MLFLOW_TRACKING_URI: http://mlflow.ml-sweeps:5000}
 
 Every problem is reported with the key that caused it, relative to the `cluster:` block (the grid loader
-prefixes `cluster.`): `KubernetesClusterSpec.from_mapping` raises `ClusterSpecError` whose `issues` are
-(key, message) pairs, all problems at once. Validators raise jobs.spec's `Problems`, so the grid loader's
-`validation_issues` reports the same keys; so does `issues_from_validation_error` for a model embedded in
-a larger one.
+prefixes `cluster.`): `KubernetesClusterSpec.from_mapping` (cluster.base.ClusterSpec's) raises
+`ClusterSpecError` whose `issues` are (key, message) pairs, all problems at once. Validators raise
+jobs.specbase's `Problems`, so the grid loader's `validation_issues` reports the same keys; so does
+`issues_from_validation_error` for a model embedded in a larger one.
 
-Quantities (cpu, memory) follow the Kubernetes quantity grammar (k8s.io/apimachinery resource.Quantity):
-
-    <quantity>        ::= <signedNumber><suffix>
-    <suffix>          ::= <binarySI> | <decimalExponent> | <decimalSI>
-    <binarySI>        ::= Ki | Mi | Gi | Ti | Pi | Ei
-    <decimalSI>       ::= n | u | m | "" | k | M | G | T | P | E
-    <decimalExponent> ::= "e" <signedInteger> | "E" <signedInteger>
-    <signedNumber>    ::= <number> | <sign><number>
-    <number>          ::= <digits> | <digits>.<digits> | <digits>. | .<digits>
-
-Names follow the Kubernetes rules: DNS-1123 labels (namespace), DNS-1123 subdomains (PVC, Secret and
-service-account names), qualified names and label values (labels, node selectors, toleration keys), and
-C_IDENTIFIER-like environment variable names.
+Names and quantities (cpu, memory) follow the Kubernetes grammar, checked by cluster.kubernetes.names.
 """
 
 from __future__ import annotations
@@ -38,26 +26,25 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-# The spec machinery shared with jobs/ and orchestrator/: validators raise `Problems([(relative key,
-# message)])`, which `jobs.spec.validation_issues` (used by the grid loader) and `issues_from_validation_error`
-# below turn into issues at the right sub-keys.
-from jobs.specbase import Problems as _Problems
-from jobs.specbase import StrictModel as _Strict
-from jobs.specbase import key_messages
+from cluster.base import ClusterSpec
+from cluster.kubernetes.names import (
+    dns1123_label_error, dns1123_subdomain_error, env_name_error, label_problems, label_value_error,
+    parse_quantity, positive_quantity, qualified_name_error,
+)  # fmt: skip
+# The spec kernel shared with jobs/ and orchestrator/: validators raise `Problems([(relative key, message)])`,
+# which `jobs.specbase.validation_issues` (used by the grid loader) and `key_messages` turn into issues at the
+# right sub-keys.
+from jobs.specbase import StrictModel, key_messages, raise_if
 
 __all__ = [
-    "ClusterSpecError", "HeadSpec", "KubernetesClusterSpec", "OWNED_POD_SPEC_KEYS", "POD_SPEC_FIELDS", "Quantity",
-    "SecretKeyRef", "StorageSpec", "Toleration", "WorkerSpec", "dns1035_label_error", "dns1123_label_error",
-    "dns1123_subdomain_error", "env_name_error", "issues_from_validation_error", "label_value_error",
-    "parse_quantity", "qualified_name_error",
+    "DEFAULT_MOUNT_PATH", "HeadSpec", "KubernetesClusterSpec", "OWNED_POD_SPEC_KEYS", "POD_SPEC_FIELDS",
+    "RAY_AUTH_ENV", "SecretKeyRef", "StorageSpec", "Toleration", "WorkerSpec", "issues_from_validation_error",
 ]  # fmt: skip
 
 INT32_MAX = 2**31 - 1
@@ -92,174 +79,10 @@ DEFAULT_MOUNT_PATH = "/sweeps"
 DEFAULT_TTL_SECONDS = 3600
 
 
-# --------------------------------------------------------------------------------------------- errors
-
-
-class ClusterSpecError(ValueError):
-    """An invalid `cluster:` block. `issues` lists every problem as (key, message); keys are relative to
-    the block (e.g. "worker.gpus"), "" for the block itself."""
-
-    def __init__(self, issues: Sequence[tuple[str, str]]) -> None:
-        self.issues = list(issues)
-        super().__init__("\n".join(f"{k}: {m}" if k else m for k, m in self.issues))
-
-
-def _raise_if(problems: list[tuple[str, str]]) -> None:
-    if problems:
-        raise _Problems(problems)
-
-
-# ------------------------------------------------------------------------------------ name grammar
-
-_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-_QUALIFIED_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
-_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
-
-
-def dns1123_label_error(value: str) -> str | None:
-    """Why `value` is not a DNS-1123 label (namespace names), or None."""
-    if len(value) > 63:
-        return f"{value!r} is longer than 63 characters"
-    if not _DNS1123_LABEL.fullmatch(value):
-        return (f"{value!r} is not a DNS-1123 label: lower-case letters, digits and '-', starting and ending "
-                "with a letter or digit")
-    return None
-
-
-def dns1035_label_error(value: str) -> str | None:
-    """Why `value` is not a DNS-1035 label (a DNS-1123 label that starts with a letter), or None."""
-    if len(value) > 63:
-        return f"{value!r} is longer than 63 characters"
-    if not _DNS1035_LABEL.fullmatch(value):
-        return (f"{value!r} is not a DNS-1035 label: lower-case letters, digits and '-', starting with a "
-                "letter and ending with a letter or digit")
-    return None
-
-
-def dns1123_subdomain_error(value: str) -> str | None:
-    """Why `value` is not a DNS-1123 subdomain (names of most objects: PVCs, Secrets, ...), or None."""
-    if len(value) > 253:
-        return f"{value!r} is longer than 253 characters"
-    if not value or not all(_DNS1123_LABEL.fullmatch(part) for part in value.split(".")):
-        return (f"{value!r} is not a DNS-1123 subdomain: lower-case letters, digits, '-' and '.', starting and "
-                "ending with a letter or digit")
-    return None
-
-
-def qualified_name_error(value: str) -> str | None:
-    """Why `value` is not a qualified name ([prefix/]name: label and annotation keys), or None."""
-    prefix, slash, name = value.rpartition("/")
-    if slash and (not prefix or dns1123_subdomain_error(prefix)):
-        return f"{value!r}: the prefix before '/' must be a DNS-1123 subdomain"
-    if not name or len(name) > 63 or not _QUALIFIED_NAME.fullmatch(name):
-        return (f"{value!r} is not a qualified name: at most 63 letters, digits, '-', '_' or '.', starting and "
-                "ending with a letter or digit, with an optional DNS subdomain prefix and '/'")
-    return None
-
-
-def label_value_error(value: str) -> str | None:
-    """Why `value` is not a label value (empty, or a name part of at most 63 characters), or None."""
-    if value and (len(value) > 63 or not _QUALIFIED_NAME.fullmatch(value)):
-        return (f"{value!r} is not a label value: at most 63 letters, digits, '-', '_' or '.', starting and "
-                "ending with a letter or digit")
-    return None
-
-
-def env_name_error(value: str) -> str | None:
-    """Why `value` is not a valid container environment variable name, or None."""
-    if not _ENV_NAME.fullmatch(value):
-        return (f"{value!r} is not a valid environment variable name (letters, digits, '_', '-', '.'; not "
-                "starting with a digit)")
-    return None
-
-
-# ---------------------------------------------------------------------------------------- quantities
-
-_BINARY_SI = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL_SI = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
-
-
-@dataclass(frozen=True)
-class Quantity:
-    """A parsed Kubernetes quantity: `text` as written, `value` in base units (cores, bytes)."""
-
-    text: str
-    value: Decimal
-
-    def __str__(self) -> str:
-        return self.text
-
-
-def parse_quantity(text: str) -> Quantity:
-    """Parse a Kubernetes quantity ("500m", "4", "1.5", "16Gi", "1e3", "+2k").
-
-    Raises:
-        ValueError: the text does not follow the quantity grammar (see the module docstring).
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"expected a quantity string; got {text!r}")
-    pos, end = 0, len(text)
-    if pos < end and text[pos] in "+-":
-        pos += 1
-    start = pos
-    while pos < end and text[pos].isdigit() and text[pos].isascii():
-        pos += 1
-    int_digits = pos - start
-    frac_digits = 0
-    if pos < end and text[pos] == ".":
-        pos += 1
-        frac_start = pos
-        while pos < end and text[pos].isdigit() and text[pos].isascii():
-            pos += 1
-        frac_digits = pos - frac_start
-    if int_digits + frac_digits == 0:
-        raise ValueError(f"{text!r} is not a Kubernetes quantity: expected a number such as 500m, 4, 1.5 or 16Gi")
-    number, suffix = text[:pos], text[pos:]
-    try:
-        value = Decimal(number if number not in "+-" else "0")
-    except InvalidOperation:  # pragma: no cover - the scanner only lets valid numbers through
-        raise ValueError(f"{text!r} is not a Kubernetes quantity") from None
-    if suffix in _BINARY_SI:
-        return Quantity(text, value * _BINARY_SI[suffix])
-    if suffix in _DECIMAL_SI:
-        return Quantity(text, value.scaleb(_DECIMAL_SI[suffix]))
-    if suffix[:1] in ("e", "E") and re.fullmatch(r"[+-]?[0-9]+", suffix[1:]):
-        return Quantity(text, value.scaleb(int(suffix[1:])))
-    valid = ", ".join([*_BINARY_SI, *(s for s in _DECIMAL_SI if s)])
-    raise ValueError(f"{text!r} is not a Kubernetes quantity: unknown suffix {suffix!r} (valid: {valid}, "
-                     "none, or an exponent like e3)")
-
-
-def _quantity(value: Any, *, what: str, integral_bytes: bool = False) -> str:
-    """Validate a positive quantity; YAML numbers (4, 0.5) become their text. Returns the text."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        example = "16Gi" if integral_bytes else "4 or 500m"
-        raise ValueError(f"expected a {what} quantity such as {example}; got {value!r}")
-    text = value if isinstance(value, str) else repr(value)
-    q = parse_quantity(text)
-    if q.value <= 0:
-        raise ValueError(f"{text!r}: a {what} quantity must be positive")
-    if integral_bytes and q.value != q.value.to_integral_value():
-        raise ValueError(f"{text!r} is {q.value.normalize()} bytes, not a whole number of bytes "
-                         "(the suffix 'm' means milli; did you mean 'Mi' or 'M'?)")
-    return text
-
-
 # -------------------------------------------------------------------------------------------- models
 
 
-def _check_labels(mapping: Mapping[str, str]) -> list[tuple[str, str]]:
-    problems = []
-    for key, value in mapping.items():
-        if msg := qualified_name_error(key):
-            problems.append((key, msg))
-        elif msg := label_value_error(value):
-            problems.append((key, msg))
-    return problems
-
-
-class Toleration(_Strict):
+class Toleration(StrictModel):
     """A core/v1 Toleration, with its Kubernetes field names."""
 
     key: str = ""
@@ -282,7 +105,7 @@ class Toleration(_Strict):
             problems.append(("value", msg))
         if self.tolerationSeconds is not None and self.effect != "NoExecute":
             problems.append(("tolerationSeconds", "only allowed with effect NoExecute"))
-        _raise_if(problems)
+        raise_if(problems)
         return self
 
     def to_k8s(self) -> dict[str, Any]:
@@ -299,7 +122,7 @@ class Toleration(_Strict):
         return out
 
 
-class _Placement(_Strict):
+class _Placement(StrictModel):
     """Scheduling keys shared by the cluster block and each group (the group's add to the cluster's)."""
 
     node_selector: dict[str, str] = Field(default_factory=dict)
@@ -308,7 +131,7 @@ class _Placement(_Strict):
     @field_validator("node_selector")
     @classmethod
     def _check_selector(cls, value: dict[str, str]) -> dict[str, str]:
-        _raise_if(_check_labels(value))
+        raise_if(label_problems(value))
         return value
 
 
@@ -321,12 +144,12 @@ class HeadSpec(_Placement):
     @field_validator("cpu", mode="before")
     @classmethod
     def _cpu(cls, value: Any) -> str:
-        return _quantity(value, what="CPU")
+        return positive_quantity(value, what="CPU")
 
     @field_validator("memory", mode="before")
     @classmethod
     def _memory(cls, value: Any) -> str:
-        return _quantity(value, what="memory", integral_bytes=True)
+        return positive_quantity(value, what="memory", integral_bytes=True)
 
     @property
     def ray_num_cpus(self) -> int:
@@ -370,7 +193,7 @@ class WorkerSpec(HeadSpec):
             problems.append(("min_replicas", f"min_replicas ({lo}) is above replicas ({self.replicas})"))
         if hi < self.replicas:
             problems.append(("max_replicas", f"max_replicas ({hi}) is below replicas ({self.replicas})"))
-        _raise_if(problems)
+        raise_if(problems)
         return self
 
     @property
@@ -385,7 +208,7 @@ class WorkerSpec(HeadSpec):
         return lo < hi
 
 
-class StorageSpec(_Strict):
+class StorageSpec(StrictModel):
     """Where the sweep root lives: a PersistentVolumeClaim mounted in every Ray pod at `mount_path` (default
     /sweeps), or an object-store URI (s3://..., gs://...) that Ray Tune and the driver read and write
     directly. (Unset defaults stay None, so a dumped spec validates again.)"""
@@ -425,9 +248,9 @@ class StorageSpec(_Strict):
     @model_validator(mode="after")
     def _exactly_one(self) -> StorageSpec:
         if (self.pvc is None) == (self.uri is None):
-            _raise_if([("", "set exactly one of pvc (a PersistentVolumeClaim name) and uri (s3://... or gs://...)")])
+            raise_if([("", "set exactly one of pvc (a PersistentVolumeClaim name) and uri (s3://... or gs://...)")])
         if self.uri is not None and self.mount_path is not None:
-            _raise_if([("mount_path", "only for storage.pvc")])
+            raise_if([("mount_path", "only for storage.pvc")])
         return self
 
     @property
@@ -446,7 +269,7 @@ class StorageSpec(_Strict):
         return sweep_dir == root or sweep_dir.startswith(root + "/")
 
 
-class SecretKeyRef(_Strict):
+class SecretKeyRef(StrictModel):
     """One key of a Kubernetes Secret, exposed to the Ray containers as an environment variable."""
 
     secret: str
@@ -478,7 +301,7 @@ def _installed_ray_version() -> str:
         return "2.60.0"
 
 
-class KubernetesClusterSpec(_Placement):
+class KubernetesClusterSpec(_Placement, ClusterSpec):
     """The `cluster:` block of a grid run on Kubernetes as a KubeRay `ray.io/v1` RayJob.
 
     The RayJob creates a Ray cluster (one head pod, one worker group), runs the sweep driver as its
@@ -551,10 +374,10 @@ class KubernetesClusterSpec(_Placement):
     @field_validator("labels")
     @classmethod
     def _check_labels(cls, value: dict[str, str]) -> dict[str, str]:
-        problems = _check_labels(value)
+        problems = label_problems(value)
         problems += [(k, "app.kubernetes.io/* labels are set by ckd-orchestrate") for k in value
                      if k.startswith("app.kubernetes.io/")]
-        _raise_if(problems)
+        raise_if(problems)
         return value
 
     @field_validator("env")
@@ -563,7 +386,7 @@ class KubernetesClusterSpec(_Placement):
         problems = [(k, msg) for k in value if (msg := env_name_error(k))]
         problems += [(k, "Ray's token authentication is configured with auth and auth_token_secret (a Secret); "
                          "a token must never be a plain value in the manifest") for k in value if k in RAY_AUTH_ENV]
-        _raise_if(problems)
+        raise_if(problems)
         return value
 
     @field_validator("secret_env")
@@ -572,7 +395,7 @@ class KubernetesClusterSpec(_Placement):
         problems = [(k, msg) for k in value if (msg := env_name_error(k))]
         problems += [(k, "set through auth / auth_token_secret, which KubeRay wires into every Ray container")
                      for k in value if k in RAY_AUTH_ENV]
-        _raise_if(problems)
+        raise_if(problems)
         return value
 
     @field_validator("head_pod_extra", "worker_pod_extra")
@@ -587,7 +410,7 @@ class KubernetesClusterSpec(_Placement):
                 hint = difflib.get_close_matches(key, sorted(POD_SPEC_FIELDS), n=1)
                 suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
                 problems.append((key, "not a Kubernetes PodSpec field" + suffix))
-        _raise_if(problems)
+        raise_if(problems)
         return value
 
     # ---------------------------------------------------------------------------------- cross checks
@@ -615,22 +438,8 @@ class KubernetesClusterSpec(_Placement):
                 problems.append(("head_pod_extra.restartPolicy", "must be Never (or unset) with SidecarMode"))
         if self.entrypoint is not None and not self.entrypoint.strip():
             problems.append(("entrypoint", "must not be empty"))
-        _raise_if(problems)
+        raise_if(problems)
         return self
-
-    # ---------------------------------------------------------------------------------- construction
-
-    @classmethod
-    def from_mapping(cls, data: Any) -> KubernetesClusterSpec:
-        """Validate the `cluster:` block (a plain mapping, e.g. from YAML).
-
-        Raises:
-            ClusterSpecError: every problem, with its key relative to the block.
-        """
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise ClusterSpecError(issues_from_validation_error(err)) from None
 
     # ---------------------------------------------------------------------------------- derived
 

@@ -1,6 +1,6 @@
 """Render a sweep as a KubeRay `ray.io/v1` RayJob, and check what we generate before it is sent.
 
-The RayJob runs `python -m orchestrator.driver <sweep_dir>` on a fresh Ray cluster:
+The RayJob runs the sweep driver (its command line comes from the orchestrator) on a fresh Ray cluster:
 
 - the head group hosts the Ray job driver and the Tune trial drivers: CPU and memory only, Ray told
   `num-gpus: "0"` so no GPU work is ever placed there;
@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shlex
 from collections.abc import Mapping
 from typing import Any
 
 import yaml
 
-from cluster.kubernetes.config import (
-    OWNED_POD_SPEC_KEYS, KubernetesClusterSpec, dns1035_label_error, dns1123_label_error, dns1123_subdomain_error,
-    env_name_error, label_value_error, parse_quantity, qualified_name_error,
+from cluster.kubernetes.config import OWNED_POD_SPEC_KEYS, KubernetesClusterSpec
+from cluster.kubernetes.names import (
+    dns1035_label_error, dns1123_label_error, dns1123_subdomain_error, env_name_error, label_value_error,
+    parse_quantity, qualified_name_error,
 )  # fmt: skip
 
 __all__ = [
     "API_VERSION", "GROUP", "HEAD_CONTAINER", "KIND", "MAX_RAYJOB_NAME", "ManifestError", "PLURAL", "VERSION",
-    "WORKER_CONTAINER", "WORKER_GROUP", "check_manifest", "default_entrypoint", "rayjob_name", "render_rayjob",
+    "WORKER_CONTAINER", "WORKER_GROUP", "check_manifest", "rayjob_name", "render_rayjob",
     "to_yaml",
 ]  # fmt: skip
 
@@ -78,18 +78,10 @@ def rayjob_name(sweep_id: str) -> str:
     return f"{base[:MAX_RAYJOB_NAME - 9].rstrip('-')}-{digest}"
 
 
-def default_entrypoint(sweep_dir: str, bootstrap_env: str | None = None) -> str:
-    """The command KubeRay runs as the Ray job: the sweep driver on the sweep's directory; with
-    `bootstrap_env`, the driver first creates that directory from the sweep record in that variable
-    (the first attempt) or continues the one a previous attempt left on the storage (a retry)."""
-    command = f"python -m orchestrator.driver {shlex.quote(sweep_dir)}"
-    return f"{command} --bootstrap-env {bootstrap_env}" if bootstrap_env else command
-
-
 # ------------------------------------------------------------------------------------------- render
 
 
-def render_rayjob(spec: KubernetesClusterSpec, *, sweep_id: str, sweep_dir: str, entrypoint: str | None = None,
+def render_rayjob(spec: KubernetesClusterSpec, *, sweep_id: str, sweep_dir: str, entrypoint: str,
                   runtime_env: Mapping[str, Any] | None = None,
                   labels: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The RayJob manifest (a plain dict, ready for the API or `to_yaml`) that runs one sweep.
@@ -99,7 +91,8 @@ def render_rayjob(spec: KubernetesClusterSpec, *, sweep_id: str, sweep_dir: str,
         sweep_id: the sweep's id; the RayJob name is derived from it (`rayjob_name`), the id itself is
             kept in the annotation ckd-orchestrate/sweep-id and in the Ray job's metadata.
         sweep_dir: the sweep directory as the pods see it, under `spec.storage.sweep_root`.
-        entrypoint: the job's command; default `spec.entrypoint`, else the sweep driver on `sweep_dir`.
+        entrypoint: the job's command (the sweep driver's command line, `shlex.join(launch.argv)`),
+            unless `spec.entrypoint` replaces it.
         runtime_env: the Ray runtime environment of the job (runtimeEnvYAML); a MLFLOW_TRACKING_URI in its
             env_vars is also set on the Ray containers. Local working_dir/py_modules paths are refused:
             the image must contain the project.
@@ -162,7 +155,7 @@ def render_rayjob(spec: KubernetesClusterSpec, *, sweep_id: str, sweep_dir: str,
         }]
 
     job: dict[str, Any] = {
-        "entrypoint": entrypoint or spec.entrypoint or default_entrypoint(sweep_dir),
+        "entrypoint": spec.entrypoint or entrypoint,
         "metadata": {"sweep_id": sweep_id},
         "shutdownAfterJobFinishes": spec.shutdown_after_job_finishes,
         "backoffLimit": spec.backoff_limit,

@@ -1,10 +1,12 @@
 """Slurm backend: a sweep runs as one Slurm job (submitit) with a Ray cluster over its nodes.
 
-`SlurmClusterSpec` validates the grid's `cluster:` block, `SlurmBackend` submits the job (`sbatch_script` and
-`node_commands` for `plan`), reads its state (squeue / sacct), finds its logs and cancels it;
-`cluster.slurm.launcher.RayAllocation` is what runs on the nodes; `cluster.slurm.sweeps.Sweeps` is what the CLI
-(`submit`, `status`, `logs`, `cancel`) calls. `cluster/slurm/testbed.sh` starts a real Slurm on one machine for
-tests and development.
+- `cluster.slurm.config.SlurmClusterSpec` validates the grid's `cluster:` block;
+- `cluster.slurm.backend.SlurmBackend` (a `cluster.base.Backend`) submits the job, reads its state (squeue /
+  sacct), finds its logs and cancels it, and renders the sbatch script and node commands for `plan`;
+- `cluster.slurm.launcher.RayAllocation` is what runs on the nodes, with the per-node command lines in
+  `cluster.slurm.commands` and the process handling in `cluster.slurm.processes`.
+
+`cluster/slurm/testbed.sh` starts a real Slurm on one machine for tests and development.
 """
 
 from cluster.slurm.config import ClusterSpecError, SlurmClusterSpec, parse_slurm_time

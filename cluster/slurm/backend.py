@@ -1,56 +1,66 @@
-"""`SlurmBackend`: submit a sweep as one Slurm job through submitit, read its state, find its logs, cancel it.
+"""`SlurmBackend`: a sweep's driver as one Slurm job through submitit, with a Ray cluster over its nodes.
 
 The job is a submitit `SlurmExecutor` job with folder `<sweep_dir>/slurm`: `nodes` nodes, one task per node,
-each running `cluster.slurm.launcher.RayAllocation` (Ray head + driver on the first node, Ray workers on the
-others). `executor_parameters` is the one table from `SlurmClusterSpec` to submitit's (sbatch) parameters;
-`sbatch_script` renders exactly the script `submit` hands to sbatch (for `plan`).
+each running `cluster.slurm.launcher.RayAllocation` (Ray head + the driver's command line from the
+`DriverLaunch` on the first node, Ray workers on the others). `executor_parameters` is the one table from
+`SlurmClusterSpec` to submitit's (sbatch) parameters; `sbatch_script` renders exactly the script `submit`
+hands to sbatch, and `plan_text` shows it with what each node runs.
 
 Files under `<sweep_dir>/slurm/`: `<job>_submission.sh` (the sbatch script), `<job>_submitted.pkl` (the
 callable), `<job>_<task>_log.out` / `.err` (each node's output; node 0 holds the Ray head's and the
-driver's), `<job>_<task>_result.pkl`, and `ray-<job>-<restart>/` while the job runs (rendezvous, token).
-`submit` records {"backend": "slurm", "job_id": ...} under "backend" in `<sweep_dir>/state.json`.
+launcher's), `<job>_<task>_result.pkl`, `ray-<job>-<restart>/` while the job runs (rendezvous, token), and
+`requeued-<job>.json` while a requeued job waits for its next run. The driver's own output goes to the
+sweep's `logs/driver.log`.
+
+`submit` returns the job reference {"backend": "slurm", "job_id", "folder", "sweep_dir", "submitted"}; the
+orchestrator keeps it in state.json, and everything `status`, `logs` and `cancel` need is in it and on the
+shared file system, so they work from any login node that sees the sweep directory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import submitit
 
+from cluster.base import Backend, DriverLaunch, JobRef, JobStatus, SweepStatus, TrialShape
+from cluster.slurm.commands import allocation_plan, requeue_marker
 from cluster.slurm.config import SlurmClusterSpec
-from cluster.slurm.launcher import RayAllocation, allocation_plan
-from jobs.storage import file_lock
+from cluster.slurm.launcher import RayAllocation
 
 __all__ = [
     "SLURM_SWEEP_STATES", "SlurmBackend", "SlurmError", "SlurmJobStatus", "SlurmLogs", "SlurmUnavailableError",
-    "executor_parameters", "record_submission", "sweep_state",
+    "describe_job", "executor_parameters", "sweep_state",
 ]  # fmt: skip
 
-# Slurm job states (squeue / sacct, 22.05) -> sweep states (pending | running | finished | failed | cancelled).
-SLURM_SWEEP_STATES = {
-    "PENDING": "pending", "REQUEUED": "pending", "REQUEUE_FED": "pending", "REQUEUE_HOLD": "pending",
-    "CONFIGURING": "pending", "RESIZING": "pending", "SUSPENDED": "pending", "STOPPED": "pending",
-    "SPECIAL_EXIT": "pending", "SIGNALING": "running", "STAGE_OUT": "running",
-    "RUNNING": "running", "COMPLETING": "running",
-    "COMPLETED": "finished",
-    "CANCELLED": "cancelled", "REVOKED": "cancelled",
-    "FAILED": "failed", "TIMEOUT": "failed", "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed",
-    "DEADLINE": "failed", "PREEMPTED": "failed",
+_P, _R, _F, _X, _C = (SweepStatus.PENDING, SweepStatus.RUNNING, SweepStatus.FINISHED, SweepStatus.FAILED,
+                      SweepStatus.CANCELLED)
+# Slurm job states (squeue / sacct, 22.05) -> the sweep status they mean for the job.
+SLURM_SWEEP_STATES: dict[str, SweepStatus] = {
+    "PENDING": _P, "REQUEUED": _P, "REQUEUE_FED": _P, "REQUEUE_HOLD": _P, "CONFIGURING": _P, "RESIZING": _P,
+    "SUSPENDED": _P, "STOPPED": _P, "SPECIAL_EXIT": _P, "SIGNALING": _R, "STAGE_OUT": _R,
+    "RUNNING": _R, "COMPLETING": _R,
+    "COMPLETED": _F,
+    "CANCELLED": _C, "REVOKED": _C,
+    "FAILED": _X, "TIMEOUT": _X, "NODE_FAIL": _X, "OUT_OF_MEMORY": _X, "BOOT_FAIL": _X, "DEADLINE": _X,
+    "PREEMPTED": _X,
 }  # fmt: skip
-STATE_FILE = "state.json"
-_STATE_LOCK = ".state.lock"
+# Slurm's view of the job -> the sweep status `status` reports as implied, for when the driver could not record
+# one itself (killed at the time limit, out of memory, a node failure, scancel from outside ckd-orchestrate).
+# A completed job is not among them: only the driver knows whether its sweep finished.
+_ENDED_AS = (SweepStatus.FAILED, SweepStatus.CANCELLED)
+# The driver's output in the sweep directory (appended by every run of the job): what `ckd-orchestrate logs`
+# reads there, so `logs` falls back to Slurm's own logs only until it exists.
+DRIVER_LOG = Path("logs") / "driver.log"
 
 
 class SlurmError(RuntimeError):
@@ -61,10 +71,10 @@ class SlurmUnavailableError(SlurmError):
     """No Slurm client commands (sbatch, squeue, sacct, scancel) on this machine's PATH."""
 
 
-def sweep_state(slurm_state: str) -> str:
-    """A Slurm state ("CANCELLED by 0", "RUNNING", ...) as a sweep state; "unknown" for one not in the table."""
+def sweep_state(slurm_state: str) -> SweepStatus | None:
+    """A Slurm state ("CANCELLED by 0", "RUNNING", ...) as a sweep status; None for one not in the table."""
     word = slurm_state.split()[0].rstrip("+").upper() if slurm_state.strip() else ""
-    return SLURM_SWEEP_STATES.get(word, "unknown")
+    return SLURM_SWEEP_STATES.get(word)
 
 
 @dataclass(frozen=True)
@@ -80,18 +90,18 @@ class SlurmJobStatus:
     source: str = ""  # "squeue" or "sacct" ("" when neither knows the job)
 
     @property
-    def state(self) -> str:
-        """The sweep state: pending | running | finished | failed | cancelled | unknown."""
+    def state(self) -> SweepStatus | None:
+        """The sweep status the job's Slurm state means; None when Slurm does not know it (yet)."""
         return sweep_state(self.slurm_state)
 
     @property
     def terminal(self) -> bool:
-        return self.state in ("finished", "failed", "cancelled")
+        return self.state is not None and self.state.is_terminal
 
 
 @dataclass(frozen=True)
 class SlurmLogs:
-    """The log files of a job: one stdout and one stderr per task (node); task 0 has the Ray head and driver."""
+    """The log files of a job: one stdout and one stderr per task (node); task 0 has the Ray head's."""
 
     job_id: str
     folder: Path
@@ -107,6 +117,21 @@ class SlurmLogs:
             lines = path.read_text(errors="replace").splitlines()
             parts.append(f"==> {path} <==\n" + "\n".join(lines[-tail:] if tail else lines))
         return "\n".join(parts)
+
+
+def describe_job(status: SlurmJobStatus) -> str:
+    """One line about the job for `status`, e.g. "Slurm job 12: RUNNING on node1 (elapsed 0:03:10)"."""
+    if not status.source:
+        return f"Slurm job {status.job_id}: not known to squeue or sacct (yet)"
+    line = f"Slurm job {status.job_id}: {status.slurm_state}"
+    if status.reason:
+        line += f" ({status.reason})"
+    if status.nodes and status.nodes not in ("None assigned", "(null)"):
+        line += f" on {status.nodes}"
+    details = [f"elapsed {status.elapsed}"] if status.elapsed else []
+    if status.exit_code and status.source == "sacct":
+        details.append(f"exit code {status.exit_code}")
+    return line + (f" ({', '.join(details)})" if details else "")
 
 
 # ------------------------------------------------------------------------------------------ the mapping
@@ -146,32 +171,13 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _state_lock(sweep_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """An exclusive lock on `<sweep_dir>/.state.lock` for a read-modify-write of state.json (the driver
-    writes it too, under the same lock)."""
-    return file_lock(sweep_dir / _STATE_LOCK)
-
-
-def record_submission(sweep_dir: str | Path, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge `fields` into state.json's "backend" mapping (other keys are kept; "status" is set to "pending"
-    only when absent), atomically; returns the new state."""
-    sweep_dir = Path(sweep_dir)
-    path = sweep_dir / STATE_FILE
-    with _state_lock(sweep_dir):
-        try:
-            state = json.loads(path.read_text())
-        except FileNotFoundError:
-            state = {}
-        if not isinstance(state, dict):
-            raise ValueError(f"{path} does not hold a JSON object")
-        backend = state.get("backend") if isinstance(state.get("backend"), dict) else {}
-        state["backend"] = {**backend, **fields}
-        state.setdefault("status", "pending")
-        state["updated"] = _now()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
-        os.replace(tmp, path)
-    return state
+def _mem_mb(mem: str) -> int:
+    """sbatch --mem (a validated SlurmClusterSpec.mem) in MB."""
+    text = mem.strip().upper().removesuffix("B")
+    units = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+    if text and text[-1] in units:
+        return int(int(text[:-1]) * units[text[-1]])
+    return int(text)
 
 
 # ------------------------------------------------------------------------------------------ the backend
@@ -185,21 +191,44 @@ class _ScriptExecutor(submitit.SlurmExecutor):
         return 1
 
 
-class SlurmBackend:
-    """Runs sweeps as Slurm jobs through submitit.
+class SlurmBackend(Backend):
+    """Runs a sweep's driver as one Slurm job through submitit (see the module docstring).
 
     Args:
-        executor_class: the submitit executor (a fake in unit tests).
+        spec: the grid's validated `cluster:` block.
+        executor_class: the submitit executor (a fake in unit tests); default the class attribute.
         command_timeout: seconds for each squeue / sacct / scancel call.
     """
 
-    executor_class: type[submitit.SlurmExecutor] = submitit.SlurmExecutor
+    name = "slurm"
+    shares_sweep_dir = True  # the compute nodes see the sweep directory (a shared file system)
+    executor_class: ClassVar[type[submitit.SlurmExecutor]] = submitit.SlurmExecutor
+    spec: SlurmClusterSpec
 
-    def __init__(self, *, executor_class: type[submitit.SlurmExecutor] | None = None,
+    def __init__(self, spec: SlurmClusterSpec, *, executor_class: type[submitit.SlurmExecutor] | None = None,
                  command_timeout: float = 60.0) -> None:
+        super().__init__(spec)
         if executor_class is not None:
             self.executor_class = executor_class
         self.command_timeout = command_timeout
+
+    def interpreter(self) -> str:
+        """The grid's `python` (the command starting Python on the nodes), else this interpreter."""
+        return self.spec.python or sys.executable
+
+    # ---------------------------------------------------------------------------------------- plan
+
+    def plan_problems(self, trial: TrialShape, launch: DriverLaunch) -> list[str]:
+        """A trial that can never be placed on the allocation (a worker larger than a node, or a trial larger
+        than all nodes together)."""
+        found = self.spec.trial_fit_problems(workers=trial.workers, cpus_per_worker=trial.cpus_per_worker,
+                                             gpus_per_worker=trial.gpus_per_worker, driver_cpus=trial.driver_cpus)
+        return [f"sweep.resources: {problem}" for problem in found]
+
+    def plan_text(self, launch: DriverLaunch) -> list[tuple[str, str]]:
+        """The sbatch script `submit` would hand to sbatch, and what each node runs inside the allocation."""
+        return [("sbatch script", self.sbatch_script(launch.sweep_dir)),
+                ("what the nodes run inside the allocation", self.node_commands(launch))]
 
     # ---------------------------------------------------------------------------------------- submission
 
@@ -208,49 +237,37 @@ class SlurmBackend:
         """submitit's folder: scripts, pickles and logs of the sweep's jobs."""
         return Path(sweep_dir).resolve() / "slurm"
 
-    def _executor(self, cls: type[submitit.SlurmExecutor], sweep_dir: str | Path,
-                  spec: SlurmClusterSpec) -> submitit.SlurmExecutor:
-        python = spec.python or shlex.quote(sys.executable)
-        executor = cls(folder=self.folder(sweep_dir), max_num_timeout=spec.max_timeouts, python=python)
-        executor.update_parameters(**executor_parameters(spec, sweep_dir))
+    def _executor(self, cls: type[submitit.SlurmExecutor], sweep_dir: str | Path) -> submitit.SlurmExecutor:
+        python = self.spec.python or shlex.quote(sys.executable)
+        executor = cls(folder=self.folder(sweep_dir), max_num_timeout=self.spec.max_timeouts, python=python)
+        executor.update_parameters(**executor_parameters(self.spec, sweep_dir))
         return executor
 
-    @staticmethod
-    def allocation(sweep_dir: str | Path, spec: SlurmClusterSpec,
-                   command: Sequence[str] | None = None) -> RayAllocation:
-        """The callable each node runs (see cluster.slurm.launcher). The sweep driver (the default command)
-        writes its output to the sweep's logs/driver.log, where `ckd-orchestrate logs` finds it."""
-        sweep_dir = Path(sweep_dir).resolve()
-        return RayAllocation(sweep_dir, command, gpus_per_node=spec.gpus_per_node,
-                             include_dashboard=spec.ray_dashboard, requeue=spec.requeue,
-                             signal_delay_s=spec.signal_delay_s,
-                             driver_log=sweep_dir / "logs" / "driver.log" if command is None else None)
+    def allocation(self, launch: DriverLaunch) -> RayAllocation:
+        """The callable each node runs (see cluster.slurm.launcher); the driver's output goes to the sweep's
+        logs/driver.log, where `ckd-orchestrate logs` finds it."""
+        sweep_dir = Path(launch.sweep_dir).resolve()
+        return RayAllocation(sweep_dir, launch.argv, env=launch.env, gpus_per_node=self.spec.gpus_per_node,
+                             include_dashboard=self.spec.ray_dashboard, requeue=self.spec.requeue,
+                             signal_delay_s=self.spec.signal_delay_s, driver_log=sweep_dir / DRIVER_LOG)
 
-    def sbatch_script(self, sweep_dir: str | Path, spec: SlurmClusterSpec) -> str:
+    def sbatch_script(self, sweep_dir: str | Path) -> str:
         """The batch script `submit` gives sbatch, exactly (works without Slurm installed)."""
-        executor = self._executor(_ScriptExecutor, sweep_dir, spec)
+        executor = self._executor(_ScriptExecutor, sweep_dir)
         return executor._make_submission_file_text(executor._submitit_command_str, "plan")
 
-    @staticmethod
-    def node_commands(sweep_dir: str | Path, spec: SlurmClusterSpec, command: Sequence[str] | None = None,
-                      job_id: int = 0) -> str:
-        """What each node runs inside the allocation (Ray head, workers, driver), as text for `plan`."""
-        mem_mb = None
-        if spec.mem is not None and str(spec.mem) != "0":
-            mem_mb = _mem_mb(str(spec.mem))
-        return allocation_plan(sweep_dir=Path(sweep_dir).resolve(), nodes=spec.nodes,
-                               cpus_per_task=spec.cpus_per_task, gpus_per_node=spec.gpus_per_node,
-                               include_dashboard=spec.ray_dashboard, python=spec.python or sys.executable,
-                               job_id=job_id, command=command, mem_per_node_mb=mem_mb)
+    def node_commands(self, launch: DriverLaunch, job_id: int = 0) -> str:
+        """What each node runs inside the allocation (Ray head, workers, the driver), as text for `plan`."""
+        spec = self.spec
+        mem_mb = _mem_mb(str(spec.mem)) if spec.mem is not None and str(spec.mem) != "0" else None
+        return allocation_plan(sweep_dir=Path(launch.sweep_dir).resolve(), driver_argv=launch.argv,
+                               nodes=spec.nodes, cpus_per_task=spec.cpus_per_task, gpus_per_node=spec.gpus_per_node,
+                               include_dashboard=spec.ray_dashboard, python=self.interpreter(), job_id=job_id,
+                               mem_per_node_mb=mem_mb)
 
-    def submit(self, sweep_dir: str | Path, spec: SlurmClusterSpec, *, command: Sequence[str] | None = None) -> str:
-        """Submit the sweep's job and return its Slurm job id at once; record it in state.json.
-
-        Args:
-            sweep_dir: the sweep directory (on a file system the compute nodes share).
-            spec: the validated `cluster:` block.
-            command: the driver command run on the head (argv); default `python -m orchestrator.driver
-                <sweep_dir>` with the job's interpreter.
+    def submit(self, launch: DriverLaunch, previous: Mapping[str, Any] | None = None) -> JobRef:
+        """sbatch the sweep's job and return its reference at once (a resume submits a new job the same way:
+        the driver restores the sweep from its directory).
 
         Raises:
             SlurmUnavailableError: no sbatch/srun here.
@@ -259,25 +276,40 @@ class SlurmBackend:
         if shutil.which("sbatch") is None or shutil.which("srun") is None:
             raise SlurmUnavailableError("sbatch/srun are not on the PATH: submit from a Slurm login node (or "
                                         "`module load slurm`); cluster/slurm/testbed.sh starts a local test cluster")
-        sweep_dir = Path(sweep_dir).resolve()
-        executor = self._executor(self.executor_class, sweep_dir, spec)
+        sweep_dir = Path(launch.sweep_dir).resolve()
+        executor = self._executor(self.executor_class, sweep_dir)
         try:
-            job = executor.submit(self.allocation(sweep_dir, spec, command))
+            job = executor.submit(self.allocation(launch))
         except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as err:
             raise SlurmError(f"sbatch refused the job: {err}") from None
-        job_id = str(job.job_id)
-        record_submission(sweep_dir, {"backend": "slurm", "job_id": job_id, "folder": str(self.folder(sweep_dir)),
-                                      "submitted": _now()})
-        return job_id
+        return {"backend": self.name, "job_id": str(job.job_id), "folder": str(self.folder(sweep_dir)),
+                "sweep_dir": str(sweep_dir), "submitted": _now()}
 
     # ---------------------------------------------------------------------------------------- watching
+
+    @staticmethod
+    def job_id(job: Mapping[str, Any]) -> str:
+        """The Slurm job id of a job reference.
+
+        Raises:
+            LookupError: not a reference `submit` returned (another backend's, or one that lost its id).
+        """
+        if job.get("backend") != "slurm" or not job.get("job_id"):
+            raise LookupError(f"no Slurm job recorded under 'backend' (expected {{'backend': 'slurm', 'job_id': "
+                              f"...}}, found {dict(job)!r})")
+        return str(job["job_id"])
+
+    @staticmethod
+    def _sweep_dir(job: Mapping[str, Any]) -> Path:
+        # references written before "sweep_dir" was part of them have only submitit's folder, <sweep_dir>/slurm
+        return Path(job["sweep_dir"]) if job.get("sweep_dir") else Path(job["folder"]).parent
 
     def _run(self, cmd: list[str]) -> subprocess.CompletedProcess[str]:
         if shutil.which(cmd[0]) is None:
             raise SlurmUnavailableError(f"{cmd[0]} is not on the PATH: run this on a Slurm login node")
         return subprocess.run(cmd, capture_output=True, text=True, timeout=self.command_timeout, check=False)
 
-    def status(self, job_id: str) -> SlurmJobStatus:
+    def job_status(self, job_id: str) -> SlurmJobStatus:
         """The job's state: from squeue while the controller knows the job, else from sacct (accounting);
         slurm_state "UNKNOWN" when neither knows it (sacct can lag the controller by seconds).
 
@@ -301,32 +333,57 @@ class SlurmBackend:
                                           exit_code=parts[2], elapsed=parts[3], nodes=parts[4], source="sacct")
         return SlurmJobStatus(job_id, "UNKNOWN")
 
-    def wait(self, job_id: str, *, timeout: float, until: Sequence[str] = ("finished", "failed", "cancelled"),
+    def status(self, job: Mapping[str, Any]) -> JobStatus:
+        """The job's line for `status`; FAILED / CANCELLED when Slurm says the job ended so (the driver may not
+        have been able to record it); `requeued` while a job the launcher saw requeued waits to run again.
+
+        Raises:
+            LookupError: `job` is not a Slurm job reference.
+            SlurmUnavailableError: squeue / sacct are missing.
+        """
+        status = self.job_status(self.job_id(job))
+        requeued = (status.state is SweepStatus.PENDING
+                    and requeue_marker(self._sweep_dir(job), status.job_id).is_file())
+        return JobStatus(line=describe_job(status), state=status.state if status.state in _ENDED_AS else None,
+                         requeued=requeued)
+
+    def wait(self, job_id: str, *, timeout: float, until: Collection[SweepStatus] = (_F, _X, _C),
              interval: float = 1.0) -> SlurmJobStatus:
-        """Poll `status` until the sweep state is one of `until`.
+        """Poll `job_status` until the job's sweep status is one of `until` (default: it has ended).
 
         Raises:
             TimeoutError: not reached within `timeout` seconds (the message has the last status).
         """
         end = time.monotonic() + timeout
         while True:
-            status = self.status(job_id)
+            status = self.job_status(job_id)
             if status.state in until:
                 return status
             if time.monotonic() >= end:
                 raise TimeoutError(f"job {job_id} is still {status.slurm_state} after {timeout:.0f} s")
             time.sleep(interval)
 
-    def logs(self, job_id: str, sweep_dir: str | Path) -> SlurmLogs:
+    def job_logs(self, job: Mapping[str, Any]) -> SlurmLogs:
         """The job's log files (those of every task that has started; task 0's even before it starts)."""
-        folder = self.folder(sweep_dir)
-        job_id = str(job_id)
+        job_id = self.job_id(job)
+        folder = Path(job["folder"]) if job.get("folder") else self.folder(self._sweep_dir(job))
         tasks = sorted({int(p.name.split("_")[1]) for p in folder.glob(f"{job_id}_*_log.*")
                         if p.name.split("_")[1].isdigit()} | {0})
         paths = [submitit.core.utils.JobPaths(folder, job_id=job_id, task_id=t) for t in tasks]
         return SlurmLogs(job_id, folder, [p.stdout for p in paths], [p.stderr for p in paths])
 
-    def cancel(self, job_id: str) -> None:
+    def logs(self, job: Mapping[str, Any], tail: int | None) -> str | None:
+        """None once the driver has started (its output is in the sweep's logs/driver.log, on the shared file
+        system); before that, the job's own Slurm logs, which say why it has not (yet) started it."""
+        job_id = self.job_id(job)
+        driver_log = self._sweep_dir(job) / DRIVER_LOG
+        if driver_log.is_file():
+            return None
+        text = self.job_logs(job).read(tail)
+        note = f"(the driver has not started: no {driver_log}; Slurm job {job_id}'s own logs follow)"
+        return f"{note}\n{text}" if text else f"{note}\n(none yet: {describe_job(self.job_status(job_id))})"
+
+    def scancel(self, job_id: str) -> None:
         """scancel the job (a job that has already ended is left as it is).
 
         Raises:
@@ -339,11 +396,12 @@ class SlurmBackend:
                 return
             raise SlurmError(f"scancel {job_id} failed: {message}")
 
+    def cancel(self, job: Mapping[str, Any], timeout_s: float) -> None:
+        """scancel the job and wait until Slurm reports it ended (its processes, Ray included, are gone then).
 
-def _mem_mb(mem: str) -> int:
-    """sbatch --mem (a validated SlurmClusterSpec.mem) in MB."""
-    text = mem.strip().upper().removesuffix("B")
-    units = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
-    if text and text[-1] in units:
-        return int(int(text[:-1]) * units[text[-1]])
-    return int(text)
+        Raises:
+            TimeoutError: the job is still there after `timeout_s` seconds.
+        """
+        job_id = self.job_id(job)
+        self.scancel(job_id)
+        self.wait(job_id, timeout=timeout_s)

@@ -31,8 +31,9 @@ rounded up, as Slurm does). An allocation gets `time`; a sweep longer than that 
 allocations (each restores the Tune experiment), up to `max_timeouts` times.
 
 Every problem is reported with its key relative to the block (the grid loader prefixes `cluster.`):
-`SlurmClusterSpec.from_mapping` raises `ClusterSpecError` (every problem at once), and validators raise
-jobs.spec's `Problems`, so the grid loader's `validation_issues` reports the same keys.
+`SlurmClusterSpec.from_mapping` (cluster.base.ClusterSpec's) raises `ClusterSpecError` (every problem at
+once), and validators raise jobs.specbase's `Problems`, so the grid loader's `validation_issues` reports the
+same keys. The trial-fit check (`trial_fit_problems`) is what `SlurmBackend.plan_problems` reports.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from cluster.kubernetes.config import ClusterSpecError, issues_from_validation_error
-from jobs.specbase import Problems, StrictModel
+from cluster.base import ClusterSpec, ClusterSpecError
+from jobs.specbase import Problems
 
 __all__ = [
     "OWNED_SBATCH_OPTIONS", "SBATCH_SHORT_OPTIONS", "ClusterSpecError", "SlurmClusterSpec", "normalize_sbatch_key",
@@ -169,7 +170,7 @@ def _check_setup_line(value: str) -> str:
 _SetupLine = Annotated[str, AfterValidator(_check_setup_line)]
 
 
-class SlurmClusterSpec(StrictModel):
+class SlurmClusterSpec(ClusterSpec):
     """The `cluster:` block of a grid run on Slurm: one job of `nodes` nodes, one task per node; the first
     task starts the Ray head and runs the sweep driver, the others join as Ray workers (see
     `cluster.slurm.launcher`). Submitted through submitit (`cluster.slurm.backend.SlurmBackend`)."""
@@ -271,20 +272,6 @@ class SlurmClusterSpec(StrictModel):
         if problems:
             raise Problems(problems)
         return self
-
-    # ---------------------------------------------------------------------------------- construction
-
-    @classmethod
-    def from_mapping(cls, data: Any) -> SlurmClusterSpec:
-        """Validate the `cluster:` block (a plain mapping, e.g. from YAML).
-
-        Raises:
-            ClusterSpecError: every problem, with its key relative to the block.
-        """
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise ClusterSpecError(issues_from_validation_error(err, root=cls)) from None
 
     # ---------------------------------------------------------------------------------- derived
 

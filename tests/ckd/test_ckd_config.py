@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from ckd import ModelShape, ObjectiveConfigError, TaskShape, build_objective, registry, resolve_terms
+import ckd
+import ckd.terms.base as registry_module
+from ckd import ModelShape, ObjectiveConfigError, TaskShape, Term, build_objective, registry, resolve_terms
+from ckd.catalog import catalog
+from ckd.terms.base import register
 from ckd.terms.ckd_relations import WordRelationAngle
+from ckd.terms.logits import LogitKD
 
 S = ModelShape(num_layers=3, hidden_size=24, num_heads=3)
 T = ModelShape(num_layers=6, hidden_size=48, num_heads=4)
@@ -27,6 +32,39 @@ def _error(config, student=S, teacher=T, task=TASK) -> ObjectiveConfigError:
 
 def test_registry_has_every_term_kind():
     assert set(registry()) == ALL_KINDS
+
+
+def test_registry_and_catalog_agree():
+    """Configs are checked against the torch-free catalog and built from the registry: same kinds, same options."""
+    assert registry().keys() == catalog().keys()
+    assert {kind: cls.Options for kind, cls in registry().items()} == catalog()
+
+
+def test_a_term_that_disagrees_with_the_catalog_is_not_registered():
+    class Stray(Term):
+        kind = "no_such_kind"
+
+    class WrongOptions(Term):
+        kind = "logit_kd"
+
+    with pytest.raises(RuntimeError, match="not in ckd.catalog.KINDS"):
+        register(Stray)
+    with pytest.raises(RuntimeError, match="registered twice"):
+        register(WrongOptions)
+    del registry_module._REGISTRY["logit_kd"]  # as if first: then its options are checked
+    try:
+        with pytest.raises(RuntimeError, match="has Options Options, ckd.catalog.KINDS says LogitKDOptions"):
+            register(WrongOptions)
+    finally:
+        registry_module._REGISTRY["logit_kd"] = LogitKD
+
+
+def test_every_public_name_loads_lazily():
+    assert sorted(ckd.__all__) == sorted(set(ckd.__all__)) and set(ckd.__all__) <= set(dir(ckd))
+    for name in ckd.__all__:
+        assert getattr(ckd, name) is not None
+    with pytest.raises(AttributeError):
+        ckd.no_such_name  # noqa: B018
 
 
 # --------------------------------------------------------------------------------------------

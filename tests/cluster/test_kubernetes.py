@@ -40,6 +40,7 @@ import http.server
 import json
 import os
 import re
+import shlex
 import sys
 import threading
 import urllib.parse
@@ -53,7 +54,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.kubernetes import (
-    ClusterSpecError, KubernetesBackend, KubernetesClusterSpec, KubernetesUnavailableError, ManifestError,
+    ClusterSpecError, KubernetesClusterSpec, KubernetesUnavailableError, ManifestError, RayJobClient,
     RayJobNotFoundError, check_manifest, parse_quantity, rayjob_name, render_rayjob, to_yaml,
 )  # fmt: skip
 from cluster.kubernetes.client import KubernetesApiError, RayJobExistsError, job_state
@@ -279,6 +280,8 @@ def config(**changes: Any) -> dict[str, Any]:
 
 
 def render(data: dict[str, Any], sweep_dir: str = SWEEP_DIR, **kwargs: Any) -> dict[str, Any]:
+    """The RayJob of `data` for SWEEP_ID; its entrypoint the sweep driver on `sweep_dir` unless given."""
+    kwargs.setdefault("entrypoint", shlex.join(["python", "-m", "orchestrator.driver", sweep_dir]))
     return render_rayjob(KubernetesClusterSpec.from_mapping(data), sweep_id=SWEEP_ID, sweep_dir=sweep_dir, **kwargs)
 
 
@@ -344,8 +347,9 @@ def test_a_dumped_spec_validates_again_and_renders_the_same(name):
     again = KubernetesClusterSpec.from_mapping(json.loads(json.dumps(spec.model_dump(mode="json"))))
     assert again == spec
     sweep_dir = _sweep_dir_for(GOOD_CONFIGS[name])
-    assert render_rayjob(again, sweep_id=SWEEP_ID, sweep_dir=sweep_dir) == \
-        render_rayjob(spec, sweep_id=SWEEP_ID, sweep_dir=sweep_dir)
+    entrypoint = f"python -m orchestrator.driver {sweep_dir}"
+    assert render_rayjob(again, sweep_id=SWEEP_ID, sweep_dir=sweep_dir, entrypoint=entrypoint) == \
+        render_rayjob(spec, sweep_id=SWEEP_ID, sweep_dir=sweep_dir, entrypoint=entrypoint)
 
 
 def test_gpu_config_puts_gpus_on_workers_only():
@@ -832,12 +836,12 @@ def api():
         yield server
 
 
-def _backend(server: FakeApiServer, data: dict[str, Any] | None = None) -> KubernetesBackend:
+def _backend(server: FakeApiServer, data: dict[str, Any] | None = None) -> RayJobClient:
     from kubernetes import client
 
     configuration = client.Configuration(host=server.host)
-    return KubernetesBackend(KubernetesClusterSpec.from_mapping(data or BASE),
-                             api_client=client.ApiClient(configuration), timeout=10)
+    return RayJobClient(KubernetesClusterSpec.from_mapping(data or BASE),
+                        api_client=client.ApiClient(configuration), timeout=10)
 
 
 def test_submit_status_logs_cancel_through_the_kubernetes_client(api):
@@ -935,7 +939,7 @@ def test_job_states(deployment, job, state):
 
 def test_missing_kubernetes_package_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "kubernetes", None)
-    backend = KubernetesBackend(KubernetesClusterSpec.from_mapping(BASE))
+    backend = RayJobClient(KubernetesClusterSpec.from_mapping(BASE))
     with pytest.raises(KubernetesUnavailableError, match=r"ckd-orchestrate\[kubernetes\]"):
         backend.status("x")
 
@@ -975,7 +979,7 @@ def test_kubectl_transport(tmp_path):
     kubectl.write_text(FAKE_KUBECTL.format(python=sys.executable, log=str(log)))
     kubectl.chmod(0o755)
     data = config(use_kubectl=True, kube_context="lab")
-    backend = KubernetesBackend(KubernetesClusterSpec.from_mapping(data), kubectl=str(kubectl))
+    backend = RayJobClient(KubernetesClusterSpec.from_mapping(data), kubectl=str(kubectl))
     manifest = render(data)
 
     assert backend.submit(manifest) == SWEEP_ID
@@ -1000,12 +1004,12 @@ def test_kubectl_transport(tmp_path):
 
 def test_kubectl_missing_is_a_clear_error():
     data = config(use_kubectl=True)
-    backend = KubernetesBackend(KubernetesClusterSpec.from_mapping(data), kubectl="/nonexistent/kubectl")
+    backend = RayJobClient(KubernetesClusterSpec.from_mapping(data), kubectl="/nonexistent/kubectl")
     with pytest.raises(KubernetesUnavailableError, match="not found"):
         backend.status("x")
 
 
-# ------------------------------------------------------------------------ `submit` of a grid (Sweeps)
+# ------------------------------------------------------------------------ `submit` of a grid (KubernetesBackend)
 
 
 def k8s_grid(tmp_path: Path, glue_dir: Path, teacher: Path, tracking_uri: str | None, **cluster: Any) -> Path:
@@ -1031,19 +1035,21 @@ def _closed_port_uri() -> str:
 def test_submit_of_a_grid_ships_the_sweep_and_follows_the_rayjob(api, tmp_path, glue_dir, tiny_teacher):
     from kubernetes import client
 
-    from cluster.kubernetes.sweeps import Sweeps
-    from orchestrator.driver import bootstrap_sweep, load_grid_of
+    from cluster.kubernetes.backend import KubernetesBackend
+    from orchestrator.control import create_sweep, refresh_status, start_driver
+    from orchestrator.driver import load_grid_of
     from orchestrator.grid import load_grid
+    from orchestrator.launch import bootstrap_sweep
     from orchestrator.state import SweepDir
-    from orchestrator.submit import create_sweep
 
     uri = _closed_port_uri()
     grid_file = k8s_grid(tmp_path, glue_dir, tiny_teacher, uri)
     grid = load_grid(grid_file)
     sweep = create_sweep(grid, grid_file)
-    sweeps = Sweeps(api_client=client.ApiClient(client.Configuration(host=api.host)))
+    backend = KubernetesBackend(grid.cluster, api_client=client.ApiClient(client.Configuration(host=api.host)))
 
-    name = sweeps.submit(sweep, grid)
+    job = start_driver(sweep, grid, backend)
+    name = job["job_id"]
     assert name == rayjob_name(sweep.sweep_id)
     (post,) = api.requests
     body = post["body"]
@@ -1052,62 +1058,75 @@ def test_submit_of_a_grid_ships_the_sweep_and_follows_the_rayjob(api, tmp_path, 
     assert body["spec"]["entrypoint"] == f"python -m orchestrator.driver {target} --bootstrap-env CKD_SWEEP_RECORD"
     env_vars = yaml.safe_load(body["spec"]["runtimeEnvYAML"])["env_vars"]
     assert env_vars["MLFLOW_TRACKING_URI"] == uri and env_vars["CKD_CACHE_DIR"] == f"{target}/cache"
-    assert sweep.state()["backend"] == {"backend": "kubernetes", "job_id": name, "namespace": "ml-sweeps",
-                                        "sweep_dir": target}
+    state = sweep.state()
+    assert state["backend"] == {"backend": "kubernetes", "job_id": name, "namespace": "ml-sweeps",
+                                "sweep_dir": target}
+    assert (state["tracking_uri"], state["experiment"]) == (uri, "k8s")
 
     # What the pods' driver builds from the manifest alone is the submitted sweep, and reads the same grid.
     pvc = SweepDir(tmp_path / "pvc" / sweep.sweep_id)
     assert bootstrap_sweep(pvc, env_vars["CKD_SWEEP_RECORD"]) is True
-    assert pvc.sweep() == sweep.sweep()
+    assert pvc.record() == sweep.record()
     assert (pvc.path / "grid.yaml").read_text() == grid_file.read_text()
     assert load_grid_of(pvc).to_dict() == grid.to_dict()
 
     with pytest.raises(RayJobExistsError, match="submitted before"):
-        sweeps.submit(sweep, grid)
+        start_driver(sweep, grid, backend)
 
-    line, implied = sweeps.describe(sweep)
-    assert line == f"RayJob {name} in namespace ml-sweeps: New" and implied is None
+    state, reported = refresh_status(sweep, backend)
+    assert reported.line == f"RayJob {name} in namespace ml-sweeps: New" and state["status"] == "pending"
     api.rayjobs[name]["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING",
                                    "rayClusterName": f"{name}-x7k2p"}
-    assert sweeps.describe(sweep) == (f"RayJob {name} in namespace ml-sweeps: Running/RUNNING", None)
-    assert sweep.state()["status"] == "running"  # the driver's own state.json is on the PVC
+    state, reported = refresh_status(sweep, backend)
+    assert reported.line == f"RayJob {name} in namespace ml-sweeps: Running/RUNNING"
+    assert state["status"] == sweep.state()["status"] == "running"  # the driver's own state.json is on the PVC
     api.rayjobs[name]["status"] = {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "failed": 3,
                                    "reason": "DeadlineExceeded", "message": "activeDeadlineSeconds passed"}
-    line, implied = sweeps.describe(sweep)
-    assert implied == "failed"
-    assert line == (f"RayJob {name} in namespace ml-sweeps: Failed/FAILED, 3 failed attempt(s) "
-                    "(DeadlineExceeded activeDeadlineSeconds passed)")
+    state, reported = refresh_status(sweep, backend)
+    assert state["status"] == sweep.state()["status"] == "failed"
+    assert reported.line == (f"RayJob {name} in namespace ml-sweeps: Failed/FAILED, 3 failed attempt(s) "
+                             "(DeadlineExceeded activeDeadlineSeconds passed)")
 
+    job = sweep.state()["backend"]
     api.add_pod(f"{name}-submitter", {"job-name": name}, "2026-11-21T10:05:00Z")
     api.logs[(f"{name}-submitter", None)] = "one\ntwo\nthree\n"
-    assert sweeps.driver_log(sweep, 2) == "two\nthree\n"
+    assert backend.logs(job, 2) == "two\nthree\n"
 
-    sweeps.cancel(sweep, timeout_s=10)
+    backend.cancel(job, timeout_s=10)
     assert api.requests[-2]["method"] == "DELETE" and api.rayjobs == {}
-    assert sweeps.describe(sweep) == (f"RayJob {name} in namespace ml-sweeps: gone (cancelled, or removed "
-                                      "after its TTL)", None)
-    sweeps.cancel(sweep, timeout_s=10)  # nothing left to delete: not an error
+    gone = backend.status(job)
+    assert gone.line == f"RayJob {name} in namespace ml-sweeps: gone (cancelled, or removed after its TTL)"
+    assert gone.state is None
+    backend.cancel(job, timeout_s=10)  # nothing left to delete: not an error
 
 
 def test_a_grid_the_pods_cannot_run_is_refused_with_its_key(tmp_path, glue_dir, tiny_teacher):
-    from cluster.kubernetes.sweeps import plan_problems, sweep_manifest
+    from cluster.kubernetes.backend import KubernetesBackend
     from orchestrator.grid import load_grid
+    from orchestrator.launch import plan_launch
+    from orchestrator.plan import trial_shape
 
-    local_store = load_grid(k8s_grid(tmp_path, glue_dir, tiny_teacher, None))  # SQLite on this machine
-    (problem,) = plan_problems(local_store)
+    def backend_and_launch(grid_file: Path) -> tuple[KubernetesBackend, Any, Any]:
+        grid = load_grid(grid_file)
+        backend = KubernetesBackend(grid.cluster)
+        return backend, plan_launch(grid, backend), trial_shape(grid)
+
+    backend, launch, trial = backend_and_launch(k8s_grid(tmp_path, glue_dir, tiny_teacher, None))  # local SQLite
+    (problem,) = backend.plan_problems(trial, launch)
     assert problem.startswith("mlflow.tracking_uri: the pods cannot reach sqlite:///")
     with pytest.raises(ValueError, match="mlflow.tracking_uri: the pods cannot reach"):
-        sweep_manifest(local_store, SWEEP_ID, record="{}")
+        backend.manifest(launch)
     # ... fine once the containers carry the store's address themselves, which then stays out of runtimeEnvYAML
-    in_cluster = load_grid(k8s_grid(tmp_path, glue_dir, tiny_teacher, None,
-                                    env={"MLFLOW_TRACKING_URI": "http://mlflow.ml-sweeps:5000"}))
-    assert plan_problems(in_cluster) == []
-    manifest = sweep_manifest(in_cluster, SWEEP_ID, record="{}")
+    backend, launch, trial = backend_and_launch(k8s_grid(tmp_path, glue_dir, tiny_teacher, None,
+                                                         env={"MLFLOW_TRACKING_URI": "http://mlflow.ml-sweeps:5000"}))
+    assert backend.plan_problems(trial, launch) == []
+    manifest = backend.manifest(launch)
     assert_valid(manifest)
     assert "MLFLOW_TRACKING_URI" not in yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])["env_vars"]
-    object_store = load_grid(k8s_grid(tmp_path, glue_dir, tiny_teacher, "http://mlflow:5000",
-                                      storage={"uri": "s3://bucket/sweeps"}))
-    assert [p.split(":")[0] for p in plan_problems(object_store)] == ["cluster.storage.uri"]
+    assert [("RayJob manifest", to_yaml(manifest))] == backend.plan_text(launch)
+    backend, launch, trial = backend_and_launch(k8s_grid(tmp_path, glue_dir, tiny_teacher, "http://mlflow:5000",
+                                                         storage={"uri": "s3://bucket/sweeps"}))
+    assert [p.split(":")[0] for p in backend.plan_problems(trial, launch)] == ["cluster.storage.uri"]
 
 
 def test_plan_prints_the_rayjob_that_submit_applies(tmp_path, glue_dir, tiny_teacher):

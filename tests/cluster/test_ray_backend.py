@@ -28,11 +28,11 @@ import mlflow
 import pytest
 import yaml
 
-from cluster.ray import RayBackendError, Sweeps, auth_headers, read_token
+from cluster.ray import RayBackend, RayBackendError, auth_headers, read_token
 from jobkit import REPO, cli, only_sweep, sweep_base_job, write_yaml
 from jobs.distributed import free_port
-from orchestrator.driver import bootstrap_sweep, sweep_record
 from orchestrator.grid import load_grid
+from orchestrator.launch import bootstrap_sweep, sweep_record
 from orchestrator.state import SweepDir
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -203,8 +203,11 @@ def test_the_quickstart_runs_on_the_ray_cluster_to_a_registered_champion(tmp_pat
     # The submission id is the sweep id: a sweep whose record of its job was lost cannot be queued twice.
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(ray_cluster.token_file))
     (sweep / "state.json").write_text(json.dumps({**state_of(sweep), "backend": {}}))
+    from orchestrator.control import start_driver
+
+    submitted_grid = load_grid(grid, [o for o in overrides if o != "--set"])
     with pytest.raises(RayBackendError, match="exists already"):
-        Sweeps().submit(SweepDir(sweep), load_grid(grid, [o for o in overrides if o != "--set"]))
+        start_driver(SweepDir(sweep), submitted_grid, RayBackend(submitted_grid.cluster))
 
 
 @pytest.mark.slow
@@ -295,7 +298,7 @@ def test_the_driver_bootstraps_a_missing_sweep_dir_and_continues_an_existing_one
     record = sweep_record(sweep)
     there = SweepDir(tmp_path / "there" / sweep.sweep_id)
     assert bootstrap_sweep(there, record) is True
-    assert there.sweep() == sweep.sweep()
+    assert there.record() == sweep.record()
     assert (there.path / "grid.yaml").read_text() == (sweep.path / "grid.yaml").read_text()
     assert there.state()["status"] == "pending" and (there.path / "logs").is_dir()
     there.update_state(status="running", parent_run_id="r1")  # a first attempt got this far

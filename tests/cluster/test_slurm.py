@@ -30,22 +30,31 @@ from slurmkit import sacct_state as _sacct_state
 from slurmkit import slurm  # noqa: F401  (the session fixture)
 from slurmkit import wait_until as _wait
 
+from cluster.base import DriverLaunch, JobStatus, SweepStatus, TrialShape
 from cluster.slurm import ClusterSpecError, SlurmClusterSpec, parse_slurm_time
 from cluster.slurm import launcher as launcher_module
+from cluster.slurm import processes
 from cluster.slurm.backend import (
-    SlurmBackend, SlurmJobStatus, SlurmUnavailableError, executor_parameters, record_submission, sweep_state,
+    SlurmBackend, SlurmJobStatus, SlurmUnavailableError, describe_job, executor_parameters, sweep_state,
+)  # fmt: skip
+from cluster.slurm.commands import (
+    PORT_BLOCK, PORT_RANGE_END, PORT_RANGE_START, NodePorts, allocation_plan, choose_ports, dashboard_url, driver_env,
+    node_memory, port_block_order, ray_head_command, ray_node_env, ray_temp_dir, ray_worker_command, rendezvous_dir,
+    requeue_marker,
 )  # fmt: skip
 from cluster.slurm.config import OWNED_SBATCH_OPTIONS, normalize_sbatch_key
-from cluster.slurm.launcher import (
-    PORT_BLOCK, PORT_RANGE_END, PORT_RANGE_START, NodePorts, RayAllocation, SlurmEnv, allocation_plan, choose_ports,
-    dashboard_url, driver_command, driver_env, node_memory, port_block_order, ray_head_command, ray_node_env,
-    ray_temp_dir, ray_worker_command, rendezvous_dir,
-)  # fmt: skip
-
+from cluster.slurm.launcher import RayAllocation, SlurmEnv
 
 
 def spec(**fields: Any) -> SlurmClusterSpec:
     return SlurmClusterSpec.from_mapping({"time": "1:00:00", **fields})
+
+
+def launch(sweep_dir: Path | str, argv: list[str] | None = None, python: str = sys.executable) -> DriverLaunch:
+    """The launch orchestrator.launch builds for a Slurm sweep (default: the sweep driver)."""
+    argv = argv or [python, "-m", "orchestrator.driver", str(sweep_dir)]
+    return DriverLaunch(sweep_id=Path(sweep_dir).name, sweep_dir=str(sweep_dir), local_dir=str(sweep_dir),
+                        argv=tuple(argv), env={"CKD_TEST_LAUNCH_ENV": "1"})
 
 
 def problems(data: dict[str, Any]) -> dict[str, str]:
@@ -165,7 +174,7 @@ def test_trial_fit():
 
 
 def test_grid_reports_slurm_keys_with_lines(tmp_path, glue_dir):
-    from jobs.spec import SpecError
+    from jobs.specbase import SpecError
     from orchestrator.grid import load_grid
 
     grid = textwrap.dedent(f"""\
@@ -235,7 +244,7 @@ def test_sbatch_script_golden(tmp_path):
              gpus_per_node=4, mem="64G", constraint="a100", exclude="n[1-2]",
              setup=["module load cuda/12.4", "source ~/venvs/ckd/bin/activate"],
              sbatch_extra={"mail-type": "END", "exclusive": True}, signal_delay_s=180, python="/opt/ckd/bin/python")
-    script = SlurmBackend().sbatch_script(sweep, s)
+    script = SlurmBackend(s).sbatch_script(sweep)
     folder = sweep.resolve() / "slurm"
     assert sbatch_lines(script) == [
         "#SBATCH --account=lab",
@@ -268,7 +277,7 @@ def test_sbatch_script_golden(tmp_path):
 
 
 def test_sbatch_script_defaults_use_this_interpreter(tmp_path):
-    script = SlurmBackend().sbatch_script(tmp_path / "s", spec(time=30, requeue=False))
+    script = SlurmBackend(spec(time=30, requeue=False)).sbatch_script(tmp_path / "s")
     lines = sbatch_lines(script)
     assert "#SBATCH --no-requeue" in lines and "#SBATCH --time=30" in lines and "#SBATCH --signal=USR2@120" in lines
     assert not any(flag in script for flag in ("--gpus-per-node", "--partition", "--mem", "# setup"))
@@ -276,7 +285,7 @@ def test_sbatch_script_defaults_use_this_interpreter(tmp_path):
 
 
 def test_plan_shows_node_commands_without_the_token(tmp_path):
-    text = SlurmBackend.node_commands(tmp_path / "s", spec(nodes=3, cpus_per_task=6, gpus_per_node=2, mem="8G"))
+    text = SlurmBackend(spec(nodes=3, cpus_per_task=6, gpus_per_node=2, mem="8G")).node_commands(launch(tmp_path / "s"))
     assert "--head --block" in text and "--num-cpus=6" in text and "--num-gpus=2" in text
     assert "nodes 1..2 (Ray workers" in text and "orchestrator.driver" in text
     assert f"RAY_AUTH_TOKEN_PATH={tmp_path.resolve() / 's' / 'slurm'}/ray-" in text.replace("'", "")
@@ -396,10 +405,11 @@ def test_node_memory():
 def test_allocation_pickles_without_its_processes(tmp_path):
     import cloudpickle
 
-    alloc = RayAllocation(tmp_path, ["python", "d.py"], gpus_per_node=2, signal_delay_s=90)
+    alloc = RayAllocation(tmp_path, ["python", "d.py"], env={"A": "1"}, gpus_per_node=2, signal_delay_s=90)
     alloc._runtime["driver"] = subprocess.Popen(["true"])
     copy = pickle.loads(cloudpickle.dumps(alloc))
     assert copy._runtime == {} and copy.command == ["python", "d.py"] and copy.gpus_per_node == 2
+    assert copy.env == {"A": "1"}
     assert copy.sweep_dir == str(tmp_path.resolve())
     alloc._runtime["driver"].wait()
 
@@ -407,9 +417,11 @@ def test_allocation_pickles_without_its_processes(tmp_path):
 def test_checkpoint_requeues_only_with_requeue(tmp_path):
     import submitit
 
-    delayed = RayAllocation(tmp_path).checkpoint()
+    delayed = RayAllocation(tmp_path, ["python", "d.py"]).checkpoint()
     assert isinstance(delayed, submitit.helpers.DelayedSubmission) and isinstance(delayed.function, RayAllocation)
-    assert RayAllocation(tmp_path, requeue=False).checkpoint() is None
+    assert RayAllocation(tmp_path, ["python", "d.py"], requeue=False).checkpoint() is None
+    with pytest.raises(ValueError, match="command line"):
+        RayAllocation(tmp_path, [])
 
 
 def test_checkpoint_stops_the_driver_with_sigint_after_the_stop_file(tmp_path):
@@ -425,8 +437,8 @@ def test_checkpoint_stops_the_driver_with_sigint_after_the_stop_file(tmp_path):
         open({str(tmp_path / 'ready')!r}, "w").close()
         time.sleep(60)
         """))
-    alloc = RayAllocation(tmp_path, signal_delay_s=60)
-    driver = launcher_module._spawn([sys.executable, str(script)], {})
+    alloc = RayAllocation(tmp_path, [sys.executable, str(script)], signal_delay_s=60)
+    driver = processes.spawn([sys.executable, str(script)], {})
     alloc._runtime.update(driver=driver, stop_file=stop)
     deadline = time.monotonic() + 30
     while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
@@ -438,41 +450,86 @@ def test_checkpoint_stops_the_driver_with_sigint_after_the_stop_file(tmp_path):
     assert driver.poll() == 0 and (tmp_path / "seen").read_text() == "True"
 
 
-def test_driver_command_default():
-    assert driver_command("/py", "/s/x") == ["/py", "-m", "orchestrator.driver", "/s/x"]
-    text = allocation_plan(sweep_dir="/s/x", nodes=1, cpus_per_task=2, gpus_per_node=0, python="/py")
+def test_allocation_plan_runs_the_launch_argv():
+    text = allocation_plan(sweep_dir="/s/x", driver_argv=["/py", "-m", "orchestrator.driver", "/s/x"], nodes=1,
+                           cpus_per_task=2, gpus_per_node=0, python="/py")
     assert "/py -m orchestrator.driver /s/x" in text and "Ray workers" not in text
 
 
-def test_record_submission_merges_atomically(tmp_path):
-    (tmp_path / "state.json").write_text(json.dumps({"status": "running", "parent_run_id": "abc",
-                                                     "backend": {"note": "kept"}}))
-    state = record_submission(tmp_path, {"backend": "slurm", "job_id": "17"})
-    assert state["status"] == "running" and state["parent_run_id"] == "abc"
-    assert state["backend"] == {"note": "kept", "backend": "slurm", "job_id": "17"}
-    assert json.loads((tmp_path / "state.json").read_text()) == state
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".state.lock", "state.json"]  # no temp file left
-    fresh = record_submission(tmp_path / "new", {"backend": "slurm", "job_id": "18"})
-    assert fresh["status"] == "pending" and fresh["backend"]["job_id"] == "18"
+def test_plan_text_is_the_sbatch_script_and_the_node_commands(tmp_path):
+    backend = SlurmBackend(spec(nodes=2, python="/opt/ckd/bin/python"))
+    assert backend.interpreter() == "/opt/ckd/bin/python"
+    the_launch = launch(tmp_path / "s", python=backend.interpreter())
+    sections = backend.plan_text(the_launch)
+    assert [title for title, _ in sections] == ["sbatch script", "what the nodes run inside the allocation"]
+    assert sections[0][1] == backend.sbatch_script(tmp_path / "s")
+    assert sections[1][1] == backend.node_commands(the_launch)
+    assert f"/opt/ckd/bin/python -m orchestrator.driver {tmp_path / 's'}" in sections[1][1]
+    assert SlurmBackend(spec()).interpreter() == sys.executable
+
+
+def test_plan_problems_name_the_trial_that_cannot_fit(tmp_path):
+    backend = SlurmBackend(spec(nodes=2, cpus_per_task=4, gpus_per_node=1))
+    fits = TrialShape(workers=2, cpus_per_worker=3, gpus_per_worker=1, driver_cpus=0.01)
+    assert backend.plan_problems(fits, launch(tmp_path)) == []
+    found = backend.plan_problems(TrialShape(workers=3, cpus_per_worker=5, gpus_per_worker=2, driver_cpus=0.01),
+                                  launch(tmp_path))
+    assert len(found) == 4 and all(p.startswith("sweep.resources: ") for p in found)
+    assert "cpus_per_task = 4" in found[0] and "gpus_per_node = 1" in found[1]
+
+
+def _fake_squeue(monkeypatch, backend: SlurmBackend, slurm_state: str) -> None:
+    monkeypatch.setattr(backend, "job_status", lambda job_id: SlurmJobStatus(str(job_id), slurm_state,
+                                                                             source="squeue"))
+
+
+def test_status_reports_a_requeue_from_the_launchers_marker(tmp_path, monkeypatch):
+    """The launcher writes <sweep>/slurm/requeued-<job>.json when Slurm requeues the job; while the job waits,
+    `status` says requeued (the orchestrator then records the sweep as pending); never a state.json write."""
+    backend = SlurmBackend(spec())
+    sweep = tmp_path / "sweep"
+    job = {"backend": "slurm", "job_id": "7", "folder": str(sweep / "slurm"), "sweep_dir": str(sweep)}
+    _fake_squeue(monkeypatch, backend, "PENDING")
+    assert backend.status(job) == JobStatus(line="Slurm job 7: PENDING", state=None, requeued=False)
+    launcher_module._mark_requeued(str(sweep), SlurmEnv(7, 1, 0, 1, 2, None, "node1"))
+    marker = requeue_marker(sweep, 7)
+    assert marker == sweep / "slurm" / "requeued-7.json" and json.loads(marker.read_text())["requeued_from_run"] == 1
+    assert backend.status(job).requeued
+    old_reference = {k: v for k, v in job.items() if k != "sweep_dir"}  # written before sweep_dir was recorded
+    assert backend.status(old_reference).requeued
+    _fake_squeue(monkeypatch, backend, "RUNNING")  # the next run has started (its node 0 removes the marker)
+    assert not backend.status(job).requeued
+    assert sorted(p.name for p in sweep.rglob("*")) == ["requeued-7.json", "slurm"]  # no state.json
+
+
+@pytest.mark.parametrize("slurm_state, implied", [
+    ("RUNNING", None), ("COMPLETED", None), ("CANCELLED by 0", SweepStatus.CANCELLED), ("TIMEOUT", SweepStatus.FAILED),
+    ("OUT_OF_MEMORY", SweepStatus.FAILED), ("UNKNOWN", None),
+])  # fmt: skip
+def test_status_implies_only_how_a_job_ended_badly(tmp_path, monkeypatch, slurm_state, implied):
+    backend = SlurmBackend(spec())
+    _fake_squeue(monkeypatch, backend, slurm_state)
+    status = backend.status({"backend": "slurm", "job_id": "9", "sweep_dir": str(tmp_path)})
+    assert status.state is implied and status.line.startswith(f"Slurm job 9: {slurm_state}")
 
 
 @pytest.mark.parametrize("slurm, state", [
     ("PENDING", "pending"), ("REQUEUED", "pending"), ("RUNNING", "running"), ("COMPLETING", "running"),
     ("COMPLETED", "finished"), ("CANCELLED by 0", "cancelled"), ("CANCELLED+", "cancelled"), ("FAILED", "failed"),
-    ("TIMEOUT", "failed"), ("NODE_FAIL", "failed"), ("OUT_OF_MEMORY", "failed"), ("UNKNOWN", "unknown"),
-    ("", "unknown"),
+    ("TIMEOUT", "failed"), ("NODE_FAIL", "failed"), ("OUT_OF_MEMORY", "failed"), ("UNKNOWN", None),
+    ("", None),
 ])  # fmt: skip
 def test_sweep_states(slurm, state):
-    assert sweep_state(slurm) == state
+    assert sweep_state(slurm) == state and (state is None or isinstance(sweep_state(slurm), SweepStatus))
     assert SlurmJobStatus("1", slurm).terminal == (state in ("finished", "failed", "cancelled"))
 
 
 def test_commands_say_when_slurm_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(SlurmUnavailableError, match="login node"):
-        SlurmBackend().submit(tmp_path / "s", spec())
+        SlurmBackend(spec()).submit(launch(tmp_path / "s"))
     with pytest.raises(SlurmUnavailableError, match="squeue"):
-        SlurmBackend().status("1")
+        SlurmBackend(spec()).status({"backend": "slurm", "job_id": "1"})
 
 
 # ====================================================================================== on a real Slurm
@@ -504,6 +561,7 @@ resources = ray.cluster_resources()
 (runs / f"run-{n}.json").write_text(json.dumps({
     "restart": int(os.environ["CKD_SLURM_RESTART"]), "job": os.environ["CKD_SLURM_JOB_ID"], "nodes": sorted(names),
     "cpus": resources.get("CPU"), "gpus": resources.get("GPU", 0.0), "auth": os.environ.get("RAY_AUTH_MODE"),
+    "launch_env": os.environ.get("CKD_TEST_LAUNCH_ENV"),
 }))
 ray.shutdown()
 if hold and n == 0:
@@ -514,7 +572,7 @@ if hold and n == 0:
 def _release_requeued(backend: SlurmBackend, job_id: str, timeout: float = 90) -> None:
     """Wait until the requeued job is PENDING again, then let it start now (Slurm holds it ~2 min)."""
     _wait(f"job {job_id} to be pending after its requeue",
-          lambda: backend.status(job_id).slurm_state == "PENDING", timeout)
+          lambda: backend.job_status(job_id).slurm_state == "PENDING", timeout)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
 
 
@@ -529,15 +587,14 @@ def _command_lines() -> list[bytes]:
     return out
 
 
-def _submit(backend: SlurmBackend, sweep: Path, cluster: SlurmClusterSpec, hold: bool) -> str:
+def _submit(backend: SlurmBackend, sweep: Path, hold: bool) -> dict[str, Any]:
     driver = sweep.parent / f"{sweep.name}-driver.py"
     driver.write_text(DRIVER)
-    return backend.submit(sweep, cluster, command=[sys.executable, str(driver), str(sweep),
-                                                   "hold" if hold else "run"])
+    return backend.submit(launch(sweep, [sys.executable, str(driver), str(sweep), "hold" if hold else "run"]))
 
 
-def _logs(backend: SlurmBackend, job_id: str, sweep: Path) -> str:
-    return backend.logs(job_id, sweep).read(tail=60)
+def _logs(backend: SlurmBackend, job: dict[str, Any]) -> str:
+    return backend.job_logs(job).read(tail=60)
 
 
 def _expect_clean(job_id: str, sweep: Path) -> None:
@@ -553,35 +610,40 @@ def time_limit_job(slurm, tmp_path_factory) -> dict[str, Any]:
     """Submitted early (by the first real-Slurm test), checked by test_time_limit_...: its walltime warning
     comes while the other tests run. Limit 3 min, warning 60 s before it: Slurm sends the warning up to 60 s
     early, so 60-120 s into a run; a restart that takes longer is requeued again (max_timeouts covers it)."""
-    backend = SlurmBackend()
-    sweep = tmp_path_factory.mktemp("slurm-timelimit") / "sweep"
     cluster = SlurmClusterSpec.from_mapping({"backend": "slurm", "time": 3, "nodes": 1, "cpus_per_task": 2,
                                              "signal_delay_s": 60, "max_timeouts": 6})
-    job_id = _submit(backend, sweep, cluster, hold=True)
-    return {"backend": backend, "sweep": sweep, "job_id": job_id, "submitted": time.monotonic()}
+    backend = SlurmBackend(cluster)
+    sweep = tmp_path_factory.mktemp("slurm-timelimit") / "sweep"
+    job = _submit(backend, sweep, hold=True)
+    return {"backend": backend, "sweep": sweep, "job": job, "submitted": time.monotonic()}
 
 
 def test_two_node_sweep_job_completes_and_survives_a_requeue(slurm, time_limit_job, tmp_path):
-    backend = SlurmBackend()
     nodes, gpus = min(2, len(slurm["nodes"])), int(slurm["gpus"])  # the testbed's fake GPUs, where mknod works
     cluster = SlurmClusterSpec.from_mapping({"backend": "slurm", "time": 10, "nodes": nodes, "cpus_per_task": 2,
                                              "gpus_per_node": gpus})
+    backend = SlurmBackend(cluster)
     sweep = tmp_path / "sweep"
-    job_id = _submit(backend, sweep, cluster, hold=True)
+    job = _submit(backend, sweep, hold=True)
+    job_id = job["job_id"]
     assert job_id.isdigit()
-    assert backend.status(job_id).state in ("pending", "running")  # submit returned without waiting for the job
-    state = json.loads((sweep / "state.json").read_text())
-    assert state["backend"]["backend"] == "slurm" and state["backend"]["job_id"] == job_id
+    assert backend.job_status(job_id).state in ("pending", "running")  # submit returned without waiting for the job
+    assert job == {"backend": "slurm", "job_id": job_id, "folder": str(sweep.resolve() / "slurm"),
+                   "sweep_dir": str(sweep.resolve()), "submitted": job["submitted"]}
+    assert not (sweep / "state.json").exists()  # the orchestrator stores the reference, never the backend
     # plan shows exactly what sbatch got
-    assert (sweep / "slurm" / f"{job_id}_submission.sh").read_text() == backend.sbatch_script(sweep, cluster)
+    assert (sweep / "slurm" / f"{job_id}_submission.sh").read_text() == backend.sbatch_script(sweep)
 
     run0 = sweep / "runs" / "run-0.json"
-    _wait("the driver's first run", run0.exists, 180, on_timeout=lambda: _logs(backend, job_id, sweep))
+    _wait("the driver's first run", run0.exists, 180, on_timeout=lambda: _logs(backend, job))
     first = json.loads(run0.read_text())
     expected_nodes = slurm["nodes"][:nodes] if nodes > 1 else first["nodes"]
     assert first["restart"] == 0 and first["job"] == job_id and first["auth"] == "token"
+    assert first["launch_env"] == "1"  # the DriverLaunch's environment reaches the driver
     assert first["nodes"] == expected_nodes and len(first["nodes"]) == nodes  # a Ray task ran on every node
     assert (first["cpus"], first["gpus"]) == (2.0 * nodes, 1.0 * gpus * nodes)  # --num-cpus/--num-gpus: the spec
+    assert f"Slurm job {job_id} run 0: starting the driver" in (sweep / "logs" / "driver.log").read_text()
+    assert backend.logs(job, tail=5) is None  # the driver's log is in the sweep directory now
 
     # the token: a 0600 file in a 0700 directory, on no command line
     rdv = rendezvous_dir(sweep, job_id, 0)
@@ -590,16 +652,22 @@ def test_two_node_sweep_job_completes_and_survives_a_requeue(slurm, time_limit_j
     assert len(token) == 64 and not any(token.encode() in line for line in _command_lines())
 
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    _wait(f"job {job_id} to be pending after its requeue",
+          lambda: backend.job_status(job_id).slurm_state == "PENDING", 90)
+    # the launcher left its requeue marker: `status` says the job waits for its next run
+    requeued = backend.status(job)
+    assert requeued.requeued and requeued.state is None, (requeued, _logs(backend, job))
     _release_requeued(backend, job_id)
     final = backend.wait(job_id, timeout=240)
-    assert final.state == "finished", _logs(backend, job_id, sweep)
+    assert final.state == "finished", _logs(backend, job)
     _wait("sacct to show COMPLETED", lambda: _sacct_state(job_id) == "COMPLETED", 30)
+    assert not requeue_marker(sweep, job_id).exists() and not backend.status(job).requeued
 
     runs = sorted((sweep / "runs").glob("run-*.json"))
     assert [p.name for p in runs] == ["run-0.json", "run-1.json"]
     second = json.loads(runs[1].read_text())
     assert second["restart"] == 1 and second["job"] == job_id and len(second["nodes"]) == nodes
-    logs = backend.logs(job_id, sweep)
+    logs = backend.job_logs(job)
     assert len(logs.stdout) == nodes and all(p.exists() for p in logs.stdout)
     text = logs.read()
     assert "Ray head up at" in text and "restart 1" in text
@@ -611,41 +679,46 @@ def test_two_node_sweep_job_completes_and_survives_a_requeue(slurm, time_limit_j
 def test_time_limit_warning_checkpoints_and_requeues(slurm, time_limit_job):
     """Slurm's USR2 before the time limit: the driver is stopped with SIGINT after CKD_STOP_FILE appears, the
     job requeues itself (submitit checkpoint) and a later run finishes the job."""
-    backend, sweep, job_id = time_limit_job["backend"], time_limit_job["sweep"], time_limit_job["job_id"]
+    backend, sweep, job = time_limit_job["backend"], time_limit_job["sweep"], time_limit_job["job"]
+    job_id = job["job_id"]
     deadline = time.monotonic() + 420
     while True:  # release every requeue at once (Slurm would hold each for ~2 min)
-        status = backend.status(job_id)
+        status = backend.job_status(job_id)
         if status.terminal:
             break
         if status.slurm_state == "PENDING" and status.reason == "BeginTime":
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30, check=False)
-        assert time.monotonic() < deadline, f"job {job_id} still {status}\n{_logs(backend, job_id, sweep)}"
+        assert time.monotonic() < deadline, f"job {job_id} still {status}\n{_logs(backend, job)}"
         time.sleep(1)
-    assert status.state == "finished", _logs(backend, job_id, sweep)
+    assert status.state == "finished", _logs(backend, job)
     runs = sweep / "runs"
     assert json.loads((runs / "interrupted-0.json").read_text()) == {"stop_file": True}
     first, last = (json.loads((runs / f"run-{i}.json").read_text()) for i in (0, 1))
     assert last["restart"] > first["restart"] and not (runs / "run-2.json").exists()
-    log = backend.logs(job_id, sweep).read()
+    log = backend.job_logs(job).read()
     assert "Calling checkpoint method" in log and "Requeued job" in log
+    assert not requeue_marker(sweep, job_id).exists()  # the last run removed the checkpoint's marker
     _expect_clean(job_id, sweep)
 
 
 def test_cancel_stops_the_job_and_its_ray_cluster(slurm, tmp_path):
-    backend = SlurmBackend()
-    sweep = tmp_path / "sweep"
     cluster = SlurmClusterSpec.from_mapping({"backend": "slurm", "time": 10, "nodes": 1, "cpus_per_task": 2})
-    job_id = _submit(backend, sweep, cluster, hold=True)
+    backend = SlurmBackend(cluster)
+    sweep = tmp_path / "sweep"
+    job = _submit(backend, sweep, hold=True)
+    job_id = job["job_id"]
     _wait("the driver's first run", (sweep / "runs" / "run-0.json").exists, 180,
-          on_timeout=lambda: _logs(backend, job_id, sweep))
+          on_timeout=lambda: _logs(backend, job))
     assert _processes_with(str(sweep)), "the job's Ray and driver should be running"
-    backend.cancel(job_id)
-    status = backend.wait(job_id, timeout=60, until=("cancelled", "finished", "failed"))
+    backend.cancel(job, timeout_s=60)  # returns once Slurm says the job ended
+    status = backend.job_status(job_id)
     assert status.state == "cancelled", status
+    assert backend.status(job).state is SweepStatus.CANCELLED
     _wait("sacct to show CANCELLED", lambda: _sacct_state(job_id) == "CANCELLED", 30)
     _expect_clean(job_id, sweep)  # the launcher cleans up on Slurm's SIGTERM
-    assert "SIGTERM (job cancelled" in backend.logs(job_id, sweep).read()
-    backend.cancel(job_id)  # an ended job: nothing to do, no error
+    assert "SIGTERM (job cancelled" in backend.job_logs(job).read()
+    assert not requeue_marker(sweep, job_id).exists()  # a cancel is not a requeue
+    backend.cancel(job, timeout_s=10)  # an ended job: nothing to do, no error
 
 
 def test_node_ip_never_advertises_loopback(monkeypatch):
@@ -656,12 +729,10 @@ def test_node_ip_never_advertises_loopback(monkeypatch):
     assert launcher_module._node_ip("nowhere") is None
 
 
-# ================================================================================ the CLI's Slurm backend
+# ========================================================================== the backend's status and logs
 
 
 def test_describe_job_lines():
-    from cluster.slurm.sweeps import describe_job
-
     assert describe_job(SlurmJobStatus("12", "RUNNING", nodes="node[1-2]", elapsed="3:10", source="squeue")) == (
         "Slurm job 12: RUNNING on node[1-2] (elapsed 3:10)")
     assert describe_job(SlurmJobStatus("13", "PENDING", reason="BeginTime", nodes="", elapsed="0:00",
@@ -672,47 +743,43 @@ def test_describe_job_lines():
     assert "not known to squeue or sacct" in describe_job(SlurmJobStatus("15", "UNKNOWN"))
 
 
-def test_sweeps_needs_a_recorded_slurm_job(tmp_path):
-    from cluster.slurm.sweeps import Sweeps
-    from orchestrator.state import SweepDir
-
-    sweep = SweepDir(tmp_path / "s")
-    sweep.update_state(status="running", backend={"backend": "local", "pid": 1})
-    with pytest.raises(LookupError, match=r"state.json: no Slurm job recorded under 'backend'"):
-        Sweeps().describe(sweep)
+def test_status_needs_a_slurm_job_reference():
+    with pytest.raises(LookupError, match=r"no Slurm job recorded under 'backend'"):
+        SlurmBackend(spec()).status({"backend": "local", "pid": 1})
 
 
-def test_describe_implies_the_end_of_a_job_that_ended_behind_the_drivers_back(slurm, tmp_path):
-    """A job killed from outside (scancel) or failing before its driver could record it: `status` gets the
-    sweep status from Slurm; a sweep whose state.json already says how it ended keeps it."""
-    from cluster.slurm.sweeps import Sweeps
-    from orchestrator.state import SweepDir
+def test_status_implies_the_end_of_a_job_that_ended_behind_the_drivers_back(slurm, tmp_path):
+    """A job killed from outside (scancel) or failing before its driver could record it: `status` says how it
+    ended (the orchestrator applies that only to a sweep still pending or running); `logs` shows Slurm's own
+    logs until the driver has written its log in the sweep directory."""
 
     def sbatch(command: str) -> str:
         out = subprocess.run(["sbatch", "--parsable", "-o", str(tmp_path / "%j.out"), "--wrap", command],
                              capture_output=True, text=True, timeout=30, check=True)
         return out.stdout.strip().split(";")[0]
 
-    sweeps = Sweeps()
-    cancelled, failed = SweepDir(tmp_path / "cancelled"), SweepDir(tmp_path / "failed")
-    cancelled.update_state(status="running", backend={"backend": "slurm", "job_id": sbatch("sleep 120")})
-    failed.update_state(status="pending", backend={"backend": "slurm", "job_id": sbatch("exit 3")})
-    job = sweeps.job_id(cancelled)
-    _wait("the sleeping job to run", lambda: sweeps.backend.status(job).slurm_state == "RUNNING", 60)
-    line, implied = sweeps.describe(cancelled)
-    assert line.startswith(f"Slurm job {job}: RUNNING on ") and implied is None
-    subprocess.run(["scancel", job], check=True, timeout=30)
-    _wait("the job to be cancelled", lambda: sweeps.backend.status(job).state == "cancelled", 60)
-    line, implied = sweeps.describe(cancelled)
-    assert line.startswith(f"Slurm job {job}: CANCELLED") and implied == "cancelled"
+    backend = SlurmBackend(spec())
 
-    _wait("the failing job to end", lambda: sweeps.backend.status(sweeps.job_id(failed)).terminal, 60)
-    line, implied = sweeps.describe(failed)
-    assert f"Slurm job {sweeps.job_id(failed)}: FAILED" in line and implied == "failed"
-    failed.update_state(status="failed")
-    assert sweeps.describe(failed)[1] is None
+    def reference(name: str, job_id: str) -> dict[str, Any]:
+        sweep = tmp_path / name
+        return {"backend": "slurm", "job_id": job_id, "folder": str(sweep / "slurm"), "sweep_dir": str(sweep)}
+
+    cancelled, failed = reference("cancelled", sbatch("sleep 120")), reference("failed", sbatch("exit 3"))
+    job = cancelled["job_id"]
+    _wait("the sleeping job to run", lambda: backend.job_status(job).slurm_state == "RUNNING", 60)
+    status = backend.status(cancelled)
+    assert status.line.startswith(f"Slurm job {job}: RUNNING on ") and status.state is None and not status.requeued
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    _wait("the job to be cancelled", lambda: backend.job_status(job).state == "cancelled", 60)
+    status = backend.status(cancelled)
+    assert status.line.startswith(f"Slurm job {job}: CANCELLED") and status.state is SweepStatus.CANCELLED
+
+    _wait("the failing job to end", lambda: backend.job_status(failed["job_id"]).terminal, 60)
+    status = backend.status(failed)
+    assert f"Slurm job {failed['job_id']}: FAILED" in status.line and status.state is SweepStatus.FAILED
     # no driver log yet: what Slurm knows instead; once the driver has written its log, the CLI reads that
-    assert sweeps.driver_log(failed, tail=5).startswith(f"(the driver has not started: no {failed.log_file};")
-    failed.log_file.parent.mkdir(parents=True)
-    failed.log_file.write_text("driver output\n")
-    assert sweeps.driver_log(failed, tail=5) is None
+    driver_log = tmp_path / "failed" / "logs" / "driver.log"
+    assert backend.logs(failed, tail=5).startswith(f"(the driver has not started: no {driver_log};")
+    driver_log.parent.mkdir(parents=True)
+    driver_log.write_text("driver output\n")
+    assert backend.logs(failed, tail=5) is None

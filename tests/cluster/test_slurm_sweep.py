@@ -27,6 +27,7 @@ from jobkit import cli, sweep_base_job, write_yaml
 from slurmkit import processes_with, queued_job_ids, release_now, sacct_state, slurm, wait_until  # noqa: F401
 
 from cluster.slurm.backend import SlurmBackend
+from cluster.slurm.config import SlurmClusterSpec
 
 pytestmark = pytest.mark.slow
 
@@ -56,10 +57,11 @@ def submitted(proc: subprocess.CompletedProcess, root: Path) -> tuple[Path, str]
 
 
 def trial_training(sweep: Path) -> Path | None:
-    """A trial that has evaluated (and so checkpointed) at least once and is not finished."""
+    """A trial that has evaluated and checkpointed at least once and is not finished (the job writes
+    metrics.json before the evaluation's checkpoint: wait for the checkpoint's `latest` too)."""
     for metrics in (sweep / "trials").glob("*/metrics.json"):
         data = json.loads(metrics.read_text())
-        if data.get("history") and "summary" not in data:
+        if data.get("history") and "summary" not in data and (metrics.parent / "checkpoints" / "latest").is_file():
             return metrics.parent
     return None
 
@@ -80,16 +82,21 @@ def worker_nodes(sweep: Path) -> set[str]:
     return nodes
 
 
+def job_of(sweep: Path) -> dict[str, Any]:
+    """The sweep's job reference, as `submit` stored it in state.json."""
+    return json.loads((sweep / "state.json").read_text())["backend"]
+
+
 def debug(backend: SlurmBackend, job_id: str, sweep: Path) -> str:
     log = sweep / "logs" / "driver.log"
-    return (backend.logs(job_id, sweep).read(tail=40) + "\n--- driver.log\n"
+    return (backend.job_logs(job_of(sweep)).read(tail=40) + "\n--- driver.log\n"
             + ("\n".join(log.read_text().splitlines()[-80:]) if log.is_file() else "(none)"))
 
 
 def test_sweep_on_slurm_submit_requeue_cancel_status_logs(slurm, tmp_path, glue_dir, tiny_teacher):  # noqa: F811
     if len(slurm["nodes"]) < 2:
         pytest.skip(f"the testbed has one node ({slurm['nodes']}); this test spans two")
-    backend = SlurmBackend()
+    backend = SlurmBackend(SlurmClusterSpec.from_mapping({"time": 30}))  # reads the jobs' state only
     env = {"CKD_CACHE_DIR": str(tmp_path / "cache")}
     # 8 epochs (64 steps, an evaluation and checkpoint every 8): a window of seconds for the requeue
     grid_a = slurm_grid(glue_dir, tiny_teacher, tmp_path, "spanning", {"nodes": 2, "cpus_per_task": 2}, epochs=8)
@@ -97,7 +104,7 @@ def test_sweep_on_slurm_submit_requeue_cancel_status_logs(slurm, tmp_path, glue_
 
     sweep_a, job_a = submitted(cli("submit", str(grid_a), env=env, timeout=120), tmp_path / "spanning")
     # submit returned while the job is queued or running, with the sweep id and job id
-    assert backend.status(job_a).state in ("pending", "running")
+    assert backend.job_status(job_a).state in ("pending", "running")
     sweep_b, job_b = submitted(cli("submit", str(grid_b), env=env, timeout=120), tmp_path / "cancelled")
 
     # --- B: cancel while its driver runs the sweep (on Ray over the allocation)
@@ -119,12 +126,14 @@ def test_sweep_on_slurm_submit_requeue_cancel_status_logs(slurm, tmp_path, glue_
     # the trial's two workers run on the two nodes
     assert worker_nodes(sweep_a) == set(slurm["nodes"][:2]), debug(backend, job_a, sweep_a)
     subprocess.run(["scontrol", "requeue", job_a], check=True, timeout=30)
-    wait_until(f"job {job_a} to be pending after its requeue", lambda: backend.status(job_a).slurm_state == "PENDING",
-               90)
-    # the requeue is recorded (by the launcher, once the driver is gone): waiting for the next run, not failed
-    assert json.loads((sweep_a / "state.json").read_text())["status"] == "pending", debug(backend, job_a, sweep_a)
+    wait_until(f"job {job_a} to be pending after its requeue",
+               lambda: backend.job_status(job_a).slurm_state == "PENDING", 90)
+    # the launcher left its requeue marker once the driver was gone; `status` reads it through the backend and
+    # records the sweep as waiting for the next run, not failed or cancelled
+    assert backend.status(job_of(sweep_a)).requeued, debug(backend, job_a, sweep_a)
     status_a = cli("status", sweep_a.name, env=env, timeout=120).stdout
     assert f"Slurm job {job_a}: PENDING (BeginTime)" in status_a and interrupted.name in status_a, status_a
+    assert json.loads((sweep_a / "state.json").read_text())["status"] == "pending", debug(backend, job_a, sweep_a)
     release_now(job_a)
     final = backend.wait(job_a, timeout=900, interval=2)
     assert final.state == "finished", debug(backend, job_a, sweep_a)

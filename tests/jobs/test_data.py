@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from pydantic import ValidationError
 
 from jobkit import GLUE_DIR
 from jobs.data import (
@@ -23,9 +24,11 @@ from jobs.data import (
     load_task_dataset,
     make_dataloader,
     model_inputs,
+    task_source,
     tokenize_dataset,
     tokenizer_fingerprint,
 )
+from jobs.taskspec import FILE_FORMATS, TaskSpec
 
 needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
 
@@ -287,6 +290,24 @@ def test_generic_pair_regression_json_and_parquet(tmp_path: Path) -> None:
     assert data["validation"]["label"][:] == [0.5, 4.0]
     assert data["train"].features["label"].dtype == "float32"
     assert source.task_info().primary_metric == "pearson"
+
+
+def test_task_source_of_a_task_spec(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text("text,sentiment\ngood,pos\nbad,neg\n")
+    (tmp_path / "dev.csv").write_text("text,sentiment\nfine,pos\n")
+    task = TaskSpec.model_validate({"dataset": {"files": {"train": "train.csv", "dev": "dev.csv"}},
+                                    "text_fields": ["text"], "label_field": "sentiment",
+                                    "label_names": ["neg", "pos"], "name": "sentiment"},
+                                   context={"base_dir": tmp_path})
+    source = task_source(task)
+    assert isinstance(source, CustomSource) and source.task_info() == task.task_info()
+    assert load_task_dataset(source)["dev"]["label"][:] == [1]
+    glue = task_source(TaskSpec.model_validate({"glue": "SST-2"}))
+    assert glue == GlueSource("sst2", glue_dir=None)
+    with pytest.raises(ValidationError, match="unsupported file"):  # the one list of formats, in the spec too
+        TaskSpec.model_validate({"dataset": {"files": {"train": str(tmp_path / "train.tsv")}},
+                                 "text_fields": ["text"], "label_names": ["a", "b"]})
+    assert ".tsv" not in FILE_FORMATS
 
 
 def test_encode_labels_accepts_names_and_ids_only() -> None:

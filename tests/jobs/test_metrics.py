@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobs.glue import GLUE_TASKS, TaskInfo
+from jobs.glue import GLUE_TASKS, METRIC_NAMES, PRIMARY_METRIC, TaskInfo
 from jobs.metrics import compute_metrics, metric_kind, metric_mode, primary_metric
 
 
@@ -164,6 +164,28 @@ def test_primary_metric_and_mode_for_every_glue_task() -> None:
     assert primary_metric("SST-2") == "accuracy" and primary_metric("STS-B") == "pearson"
     custom = TaskInfo("sentiment", ("text",), ("neg", "neu", "pos"), metric_kind="f1")
     assert primary_metric(custom) == "f1" and metric_kind(custom) == "f1"
+
+
+def test_metric_names_are_what_compute_metrics_returns() -> None:
+    # jobs.glue names the metrics without importing scikit-learn; the two tables must agree, in order.
+    for kind, names in METRIC_NAMES.items():
+        preds = np.array([0.0, 1.0, 2.0]) if kind == "pearson_spearman" else np.array([0, 1, 1])
+        gold = preds if kind == "pearson_spearman" else np.array([0, 1, 0])
+        assert tuple(compute_metrics(kind, preds, gold)) == names
+    assert set(METRIC_NAMES) == set(PRIMARY_METRIC)
+
+
+def test_eval_metric_names_per_task() -> None:
+    assert GLUE_TASKS["mrpc"].eval_metric_names() == ("eval/f1", "eval/accuracy", "eval/loss")
+    assert GLUE_TASKS["stsb"].eval_metric_names() == ("eval/pearson", "eval/spearman", "eval/loss")
+    mnli = GLUE_TASKS["mnli"]
+    assert mnli.eval_metric_names() == ("eval/accuracy", "eval/mismatched_accuracy", "eval/loss")
+    assert mnli.eval_metric_key("validation_matched", "accuracy") == "eval/accuracy"
+    assert mnli.eval_metric_key("validation_mismatched", "accuracy") == "eval/mismatched_accuracy"
+    for task in GLUE_TASKS.values():  # the sweep metric is one of the reported ones
+        assert f"eval/{task.primary_metric}" in task.eval_metric_names()
+    custom = TaskInfo("x", ("text",), ("a", "b"), metric_kind="f1", dev_splits=("dev", "test"))
+    assert custom.eval_metric_names() == ("eval/f1", "eval/accuracy", "eval/test_f1", "eval/test_accuracy", "eval/loss")
 
 
 def test_bad_inputs_raise_clear_errors() -> None:

@@ -1,17 +1,24 @@
-"""jobs.spec: strict job specs from real YAML files, with file:line: key errors, overrides, DeepSpeed
-config generation, the teacher cache key and MLflow params. No model or data is loaded."""
+"""jobs.spec (with jobs.taskspec and jobs.deepspeed_config): strict job specs from real YAML files, with
+file:line: key errors, overrides, DeepSpeed config generation, the teacher cache key and MLflow params.
+No model or data is loaded."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 
-from jobkit import edit, line_of
-from jobs.spec import JobSpec, SpecError, load_job_spec
+from jobkit import GLUE_DIR, edit, line_of
+from jobs.glue import find_task_dir, match_task_dir
+from jobs.spec import JobSpec, load_job_spec
+from jobs.specbase import SpecError
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "jobs" / "minilm_rte_ckd.yaml"
@@ -380,12 +387,64 @@ def test_teacher_cache_key(job_dir):
     for name in ("train.tsv", "dev.tsv"):
         src, dst = job_dir / "glue" / "RTE" / name, other / "glue" / "RTE" / name
         dst.write_bytes(src.read_bytes())
-        import os
-
         os.utime(dst, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns))
     assert load_job_spec(path, ["task.glue_dir=copy/glue"], env={}).teacher_cache_key() == key
     (other / "glue" / "RTE" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
     assert load_job_spec(path, ["task.glue_dir=copy/glue"], env={}).teacher_cache_key() != key
+
+
+def sst2_job(glue_dir: Path, out: Path) -> dict:
+    return {"task": {"glue": "sst2", "glue_dir": str(glue_dir)}, "teacher": {"source": "package:all-MiniLM-L6-v2"},
+            "student": {"from_teacher": {"layers": [0, 5]}}, "objective": {"preset": "ckd-paper"},
+            "output": {"dir": str(out)}}
+
+
+def rewrite_first_row(tsv: Path) -> None:
+    """Flip the label of the first data row (same size; the mtime moves on)."""
+    lines = tsv.read_text().splitlines(keepends=True)
+    text, label = lines[1].rstrip("\n").rsplit("\t", 1)
+    lines[1] = f"{text}\t{1 - int(label)}\n"
+    mtime = tsv.stat().st_mtime_ns
+    tsv.write_text("".join(lines))
+    os.utime(tsv, ns=(mtime + 1_000_000_000, mtime + 1_000_000_000))
+
+
+@pytest.mark.skipif(not (GLUE_DIR / "SST-2").is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
+@pytest.mark.parametrize("folder", ["SST-2", "SST_2", "sst-2", "sst2"])
+def test_teacher_cache_key_follows_the_glue_folder_contents(tmp_path, folder):
+    glue = tmp_path / "glue"
+    shutil.copytree(GLUE_DIR / "SST-2", glue / folder)
+    (glue / "RTE").mkdir()  # another task's folder is never the one matched
+    spec = JobSpec.from_mapping(sst2_job(glue, tmp_path / "out"))
+    # One matcher for every reader: validation, the reader of the data and the cache key see one folder.
+    assert match_task_dir(glue, "sst2") == find_task_dir(glue, "SST-2") == glue / folder
+    fingerprint = spec.task.data_identity()["files"]
+    assert [name for name, size, _ in fingerprint] == ["dev.tsv", "train.tsv"]
+    assert all(size == (glue / folder / name).stat().st_size > 0 for name, size, _ in fingerprint)
+    key = spec.teacher_cache_key()
+    rewrite_first_row(glue / folder / "train.tsv")
+    assert spec.teacher_cache_key() != key
+
+
+def test_glue_folder_spelling_is_matched_once(tmp_path):
+    fake_glue(tmp_path)
+    (tmp_path / "glue" / "RTE").rename(tmp_path / "glue" / "r_t-e")
+    assert match_task_dir(tmp_path / "glue", "rte") == tmp_path / "glue" / "r_t-e"
+    assert match_task_dir(tmp_path / "glue", "sst2") is None
+    assert match_task_dir(tmp_path / "nowhere", "rte") is None
+    path = write(tmp_path, GOOD)
+    assert load_job_spec(path, env={}).task.data_identity()["files"][0][1] > 0  # the folder's dev.tsv, found
+    path = write(tmp_path, GOOD.replace("glue: rte", "glue: sst2"))
+    assert_issue(spec_error(path), path, "task.glue_dir", line_of(GOOD, "glue_dir:"), "no SST-2/ folder")
+
+
+def test_config_leaves_stay_light():
+    # Config validation, `plan` and the sweep's state files import these; none may pull in the training stack.
+    code = ("import sys, jobs.taskspec, jobs.glue, jobs.deepspeed_config, jobs.specbase, jobs.storage; "
+            "print(sorted(m for m in ('torch', 'datasets', 'sklearn', 'scipy', 'transformers', 'mlflow', 'ckd') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_flat_params(job_dir):

@@ -62,7 +62,7 @@ def test_zero2_job_with_two_srun_tasks(slurm, tmp_path, glue_dir, tiny_teacher):
 
 
 def test_srun_rendezvous_ports_differ_per_job_and_step_and_avoid_rays_blocks():
-    from cluster.slurm.launcher import PORT_RANGE_START
+    from cluster.slurm.commands import PORT_RANGE_START
     from jobs.distributed import srun_master_port
 
     ports = {(job, step): srun_master_port(job, step) for job in range(100, 140) for step in range(4)}

@@ -1,6 +1,7 @@
-"""orchestrator.grid: grid.yaml read strictly (file:line: key errors before anything runs), the Tune
-param space, trial configs and labels, searchers and schedulers. No model or data is loaded; the teacher
-is the real packaged MiniLM (its config.json only) and the task the local GLUE directory."""
+"""orchestrator.grid (+ space, grid_checks, tune): grid.yaml read strictly (file:line: key errors before
+anything runs), the grid read back from a sweep's record without its checks, the Tune param space, trial
+configs and labels, searchers and schedulers. No model or data is loaded; the teacher is the real packaged
+MiniLM (its config.json only) and the task the local GLUE directory."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from cluster import base as cluster_base
+from cluster.base import BACKENDS, config_model
+from cluster.ray.config import RayClusterSpec
 from jobkit import GLUE_DIR, edit, line_of
-from jobs.spec import SpecError
-from orchestrator import grid as grid_module
-from orchestrator.grid import (
-    METRIC_KEYS, Domain, GridSpec, Sampled, apply_trial, cluster_model, load_grid, task_eval_metrics, trial_label,
-)
+from jobs.specbase import SpecError
+from orchestrator import grid_checks
+from orchestrator.grid import GridSpec, load_grid
+from orchestrator.space import Domain, Sampled, apply_trial, trial_label
+from orchestrator.tune import param_space, scheduler, search_algorithm, to_tune
 
 # The real GLUE files beside the checkout, as tests/conftest.py finds them (its glue_dir fixture fails
 # with a clear message when they are missing).
@@ -93,6 +97,51 @@ def test_resolved_grid_round_trips(tmp_path):
     assert data["sweep"]["space"]["training.learning_rate"] == {"loguniform": [1e-5, 1e-4]}
     again = GridSpec.from_mapping(data, base_dir=grid.base_dir, file=grid.file)
     assert again.to_dict() == grid.to_dict()
+    record = GridSpec.from_record({"grid": data, "grid_file": grid.file})
+    assert record.to_dict() == grid.to_dict() and record.base_dir == grid.base_dir and record.file == grid.file
+    assert record.base_job.to_dict() == grid.base_job.to_dict()
+
+
+def test_points_are_checked_once_per_submit(tmp_path, monkeypatch):
+    """load_grid (plan, submit) checks every point; the driver reads the grid back from the sweep's record
+    and its trials get a TrialContext: neither checks a point again."""
+    import pickle
+    from types import SimpleNamespace
+
+    from jobs.spec import JobSpec
+    from orchestrator.trial import TrialContext
+
+    calls = {"check_points": 0, "validate_points": 0}
+
+    def counted(name):
+        original = getattr(grid_checks, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(grid_checks, name, counted(name))
+    grid = load_grid(write(tmp_path, GOOD))  # submit
+    assert calls == {"check_points": 1, "validate_points": 1}
+
+    record = json.loads(json.dumps({"grid": grid.to_dict(), "grid_file": grid.file}))  # sweep.json
+    driver_grid = GridSpec.from_record(record)  # the driver
+    sweep = SimpleNamespace(path=tmp_path / "sweeps" / "s1", sweep_id="s1")
+    context = pickle.loads(pickle.dumps(TrialContext.for_sweep(sweep, driver_grid, "parent-run")))
+    trial = {"training.learning_rate": 3e-5, "student": {"from_teacher": {"layers": [0, 2, 5]}}, "training.seed": 2}
+    job = context.trial_job(trial, "trial_00001")  # a trial
+    assert calls == {"check_points": 1, "validate_points": 1}
+
+    assert job["output"] == {"dir": str(tmp_path / "sweeps" / "s1" / "trials" / "trial_00001"),
+                             "mlflow": {"tracking_uri": grid.tracking_uri(), "experiment": "grid", "log_model": True}}
+    spec = JobSpec.from_mapping(job, base_dir=context.base_dir)
+    assert spec.training.learning_rate == 3e-5 and spec.student.from_teacher.layers == [0, 2, 5]
+    expected = grid.job_spec_for(trial).to_dict()
+    assert {k: v for k, v in spec.to_dict().items() if k != "output"} == \
+        {k: v for k, v in expected.items() if k != "output"}
+    assert (context.parent_run_id, context.workers, context.cpus_per_worker) == ("parent-run", 2, 0.5)
 
 
 def test_job_from_a_file_with_overrides(tmp_path):
@@ -176,7 +225,7 @@ def test_space_overrides_replace_and_remove_domains(tmp_path):
          "scheduler:", ("'fifo' or 'asha'",)),
         # cluster
         ("cluster: {backend: local}", "cluster: {backend: slurmm}", "cluster.backend", "cluster:",
-         ("unknown backend 'slurmm'", "did you mean 'slurm'", "local, ray, slurm, kubernetes")),
+         ("unknown backend 'slurmm'", "did you mean 'slurm'", ", ".join(BACKENDS))),
         ("cluster: {backend: local}", "cluster: {backend: ray}", "cluster.address", "cluster:",
          ("required key is missing",)),
         ("cluster: {backend: local}", "cluster:\n  backend: ray\n  address: head:8265", "cluster.address",
@@ -295,22 +344,25 @@ def test_backend_hook(tmp_path, monkeypatch):
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "k8s.py").write_text(textwrap.dedent("""\
-        from pydantic import BaseModel, ConfigDict, Field
-        class KubernetesClusterSpec(BaseModel):
-            model_config = ConfigDict(extra="forbid")
+        from typing import Literal
+        from pydantic import Field
+        from cluster.base import ClusterSpec
+        class KubernetesClusterSpec(ClusterSpec):
+            backend: Literal["kubernetes"]
             namespace: str = "default"
             image: str
             gpus: int = Field(0, ge=0)
         """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(grid_module._BACKEND_MODELS, "kubernetes", ("fakeclusters.k8s", "KubernetesClusterSpec"))
-    monkeypatch.setitem(grid_module._BACKEND_MODELS, "slurm", ("fakeclusters.not_there", "SlurmClusterSpec"))
-    assert cluster_model("kubernetes").__name__ == "KubernetesClusterSpec"
+    monkeypatch.setitem(cluster_base.BACKENDS, "kubernetes", ("fakeclusters.k8s:KubernetesClusterSpec", "-"))
+    monkeypatch.setitem(cluster_base.BACKENDS, "slurm", ("fakeclusters.not_there:SlurmClusterSpec", "-"))
+    assert config_model("kubernetes").__name__ == "KubernetesClusterSpec"
     text = edit(GOOD, "cluster: {backend: local}", "cluster:\n  backend: kubernetes\n  image: ckd:1\n  gpus: 1")
     grid = load_grid(write(tmp_path, text))
     assert grid.backend == "kubernetes" and grid.cluster.image == "ckd:1"
     assert grid.to_dict()["cluster"] == {"backend": "kubernetes", "namespace": "default", "image": "ckd:1", "gpus": 1}
     assert GridSpec.from_mapping(grid.to_dict(), base_dir=tmp_path, file=grid.file).cluster.gpus == 1
+    assert GridSpec.from_record({"grid": grid.to_dict(), "grid_file": grid.file}).cluster.gpus == 1
 
     text = edit(GOOD, "cluster: {backend: local}", "cluster:\n  backend: kubernetes\n  gpus: -1")
     err = errors(write(tmp_path, text))
@@ -319,13 +371,15 @@ def test_backend_hook(tmp_path, monkeypatch):
 
     text = edit(GOOD, "cluster: {backend: local}", "cluster: {backend: slurm}")
     found = issue(errors(write(tmp_path, text)), "cluster.backend")
-    assert "'slurm' is not available in this version" in found.message and "kubernetes" in found.message
+    assert "the slurm backend cannot be used here" in found.message and "fakeclusters" in found.message
 
 
 def test_ray_backend():
     grid_text = {"backend": "ray", "address": "http://head.example:8265/"}
-    assert grid_module.RayClusterSpec.model_validate(grid_text).address == "http://head.example:8265"
-    assert cluster_model("ray") is grid_module.RayClusterSpec
+    assert RayClusterSpec.model_validate(grid_text).address == "http://head.example:8265"
+    assert config_model("ray") is RayClusterSpec
+    with pytest.raises(ValueError, match="RAY_AUTH_TOKEN must not be written in a grid"):
+        RayClusterSpec.model_validate({**grid_text, "env_vars": {"RAY_AUTH_TOKEN": "x"}})
 
 
 # ------------------------------------------------------------------------------ param space and trials
@@ -335,7 +389,7 @@ def test_tune_param_space(tmp_path):
     from ray.tune.search.sample import Categorical, Float, Integer
 
     text = edit(GOOD, "{choice: [1, 2]}", "{randint: [1, 3]}\n    training.weight_decay: {quniform: [0.0, 0.1, 0.05]}")
-    space = load_grid(write(tmp_path, text)).tune_param_space()
+    space = param_space(load_grid(write(tmp_path, text)).sweep)
     assert space["objective.preset"] == {"grid_search": ["ckd-paper"]}
     assert space["student"] == {"grid_search": [{"from_teacher": {"layers": [0, 5]}},
                                                 {"from_teacher": {"layers": [0, 2, 5]}}]}
@@ -345,7 +399,7 @@ def test_tune_param_space(tmp_path):
     seed = space["training.seed"]
     assert isinstance(seed, Integer) and (seed.lower, seed.upper) == (1, 4)  # both ends included
     assert space["training.weight_decay"].get_sampler().q == 0.05
-    assert isinstance(Domain.model_validate({"choice": [1, 2]}).tune(), Categorical)
+    assert isinstance(to_tune(Domain.model_validate({"choice": [1, 2]})), Categorical)
 
 
 def test_plan_order_matches_tune(tmp_path):
@@ -359,7 +413,7 @@ def test_plan_order_matches_tune(tmp_path):
     assert str(planned[0]["training.learning_rate"]) == "loguniform(1e-05, 0.0001)"
 
     generator = BasicVariantGenerator(random_state=0)
-    generator.add_configurations({"t": {"run": lambda config: None, "config": grid.tune_param_space(),
+    generator.add_configurations({"t": {"run": lambda config: None, "config": param_space(grid.sweep),
                                         "num_samples": grid.sweep.samples}})
     tuned = []
     while (trial := generator.next_trial()) is not None:
@@ -378,12 +432,12 @@ def test_random_and_optuna_draw_samples(tmp_path):
     text = edit(text, "      grid:\n", "      choice:\n")
     grid = load_grid(write(tmp_path, edit(text, "  samples: 2", "  samples: 5\n  search: {algorithm: random}")))
     assert grid.total_trials() == 5 and all(isinstance(v, Sampled) for v in grid.trial_configs_for_plan()[0].values())
-    assert type(grid.search_algorithm()).__name__ == "BasicVariantGenerator"
+    assert type(search_algorithm(grid.sweep.search)).__name__ == "BasicVariantGenerator"
     text = edit(text, "  samples: 2", "  samples: 4\n  search: {algorithm: optuna, seed: 3}")
     optuna = load_grid(write(tmp_path, text))
-    searcher = optuna.search_algorithm()
+    searcher = search_algorithm(optuna.sweep.search)
     assert type(searcher).__name__ == "OptunaSearch"
-    searcher.set_search_properties(optuna.metric_name, optuna.metric_mode, optuna.tune_param_space())
+    searcher.set_search_properties(optuna.metric_name, optuna.metric_mode, param_space(optuna.sweep))
     suggestion = searcher.suggest("trial-1")
     assert suggestion["student"] in optuna.sweep.space["student"].values
     optuna.job_spec_for(suggestion)
@@ -396,12 +450,12 @@ def test_schedulers(tmp_path):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     grid = load_grid(write(tmp_path, GOOD))
-    asha = grid.scheduler()
+    asha = scheduler(grid.sweep.scheduler)
     assert isinstance(asha, ASHAScheduler)
     assert asha._time_attr == "training_iteration" and asha._reduction_factor == 2
     assert grid.sweep.scheduler.grace_period == 1 and grid.sweep.scheduler.max_t is None
     fifo = load_grid(write(tmp_path, edit(GOOD, "{kind: asha, grace_period: 1, reduction_factor: 2}", "{kind: fifo}")))
-    assert isinstance(fifo.scheduler(), FIFOScheduler)
+    assert isinstance(scheduler(fifo.sweep.scheduler), FIFOScheduler)
     assert fifo.evaluation_rounds() == 3
 
 
@@ -437,30 +491,6 @@ def test_trial_label():
     assert trial_label({"student": {"architecture": {"num_layers": 4, "hidden_size": 312}}}) == "student=4x312"
     assert trial_label({"training.learning_rate": Sampled(Domain.model_validate({"loguniform": [1e-5, 1e-4]}))}) \
         == "lr=loguniform(1e-05, 0.0001)"
-
-
-def test_metric_keys_match_jobs_metrics():
-    import numpy as np
-
-    from jobs.glue import GLUE_TASKS
-    from jobs.metrics import compute_metrics
-
-    for kind, keys in METRIC_KEYS.items():
-        preds = np.array([0.0, 1.0, 2.0]) if kind == "pearson_spearman" else np.array([0, 1, 1])
-        labels = preds if kind == "pearson_spearman" else np.array([0, 1, 0])
-        assert tuple(compute_metrics(kind, preds, labels)) == keys
-    assert task_eval_metrics(GLUE_TASKS["mrpc"]) == ("eval/f1", "eval/accuracy", "eval/loss")
-
-
-def test_metric_names_match_the_jobs_evaluation():
-    from jobs.evaluation import metric_key
-    from jobs.glue import GLUE_TASKS
-
-    for task in GLUE_TASKS.values():
-        names = METRIC_KEYS[task.metric_kind]
-        reported = {metric_key(task, split, name) for split in task.dev_splits for name in names}
-        assert set(task_eval_metrics(task)) == reported | {"eval/loss"}
-    assert "eval/mismatched_accuracy" in task_eval_metrics(GLUE_TASKS["mnli"])
 
 
 def test_loss_metric_defaults_to_min(tmp_path):

@@ -104,8 +104,9 @@ def test_resume_after_the_driver_is_killed_does_not_rerun_finished_trials(tmp_pa
     assert finished_trial is not None, (sweep / "logs" / "driver.log").read_text()[-3000:]
     time.sleep(3)  # let Tune record the finished trial in its experiment state
     os.killpg(pid, signal.SIGKILL)  # the driver, mid-sweep
-    for ray_pid in json.loads((sweep / "state.json").read_text())["ray_pids"]:  # and the Ray it started,
-        try:                                                                      # as a machine crash would
+    # ... and the Ray it started (recorded with the job), as a machine crash would
+    for ray_pid in json.loads((sweep / "state.json").read_text())["backend"]["ray_pids"]:
+        try:
             os.kill(ray_pid, signal.SIGKILL)
         except OSError:
             pass
@@ -150,7 +151,7 @@ def test_cancel_stops_a_detached_sweep(tmp_path, glue_dir, tiny_teacher):
     cli("cancel", sweep_id, env=env)
     state = json.loads((sweep / "state.json").read_text())
     assert state["status"] == "cancelled" and not state.get("error")
-    from orchestrator.submit import _pid_alive
+    from cluster.local import pid_alive
 
-    assert not any(_pid_alive(pid) for pid in [state["backend"]["pid"], *state["ray_pids"]])  # driver and its Ray
+    assert not any(pid_alive(pid) for pid in [state["backend"]["pid"], *state["backend"]["ray_pids"]])  # and its Ray
     assert "cancelled" in cli("status", sweep_id, env=env).stdout
