@@ -60,6 +60,22 @@ def resolve_layers(spec: LayerSpec, n_student: int, n_teacher: int, key: str = "
     return pairs
 
 
+def resolve_layer_list(spec: LayerSpec, depth: int, key: str) -> list[int]:
+    """A list of one model's layers (1..depth): "all", "every_other" or explicit indices (CoDIR's options).
+
+    Raises:
+        ValueError: "key: message".
+    """
+    if spec == "all":
+        return list(range(1, depth + 1))
+    if spec == "every_other":
+        return list(range(2, depth + 1, 2)) or [depth]
+    if isinstance(spec, list) and spec and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= depth
+                                               for v in spec):
+        return sorted(set(spec))
+    raise ValueError(f"{key}: expected 'all', 'every_other' or a list of layer indices in 1..{depth}, got {spec!r}")
+
+
 def validate_layer_map(pairs: LayerMap, n_student: int, n_teacher: int, key: str = "layers") -> None:
     if not pairs:
         raise ValueError(f"{key}: the layer map is empty")

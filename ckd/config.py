@@ -12,7 +12,8 @@
 Each entry of `terms` is a term instance; its kind is `kind:` or, by default, its name. Terms named
 in a preset are merged key by key with the user's entries; `weight: 0` drops a preset's term.
 
-This module checks such a mapping without torch (against ckd.catalog); ckd.objective builds it.
+This module checks such a mapping without torch (against ckd.catalog), and with the two models' depths
+(`check_depths`: every layer map and layer list of every term); ckd.objective builds it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .alignment import resolve_layer_list, resolve_layers
 from .catalog import catalog
 from .errors import ObjectiveConfigError
 from .options import parse_options
@@ -76,3 +78,30 @@ def resolve_terms(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     if not resolved:
         raise ObjectiveConfigError("terms", "the objective has no term with a non-zero weight")
     return resolved
+
+
+def check_depths(config: Mapping[str, Any], n_student: int | None, n_teacher: int | None) -> None:
+    """Every term's layer options against the models' depths (transformer layers; None: unknown, not
+    checked), as `build_objective` will resolve them, without torch.
+
+    Raises:
+        ObjectiveConfigError: `terms.<name>.<option>` and what is out of range (both depths named).
+    """
+    known = catalog()
+    for name, options in resolve_terms(config).items():
+        kind = options["kind"]
+        parsed = parse_options(known[kind], {k: v for k, v in options.items() if k != "kind"}, f"terms.{name}")
+        depths = f" (student: {n_student} layers, teacher: {n_teacher} layers)"
+        try:
+            if n_student is not None and n_teacher is not None and hasattr(parsed, "layers"):
+                resolve_layers(parsed.layers, n_student, n_teacher)
+            if n_student is not None and hasattr(parsed, "student_layers"):
+                resolve_layer_list(parsed.student_layers, n_student, "student_layers")
+            if n_teacher is not None and hasattr(parsed, "teacher_layers"):
+                resolve_layer_list(parsed.teacher_layers, n_teacher, "teacher_layers")
+            layer = getattr(parsed, "teacher_layer", None)
+            if n_teacher is not None and layer is not None and layer > n_teacher:
+                raise ValueError(f"teacher_layer: layer {layer} is out of range 1..{n_teacher}")
+        except ValueError as err:
+            key, _, message = str(err).partition(": ")
+            raise ObjectiveConfigError(f"terms.{name}.{key}", message + depths) from None

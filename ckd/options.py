@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -25,8 +26,8 @@ def _type_matches(value: Any, annotation: Any) -> bool:
         return isinstance(value, (list, tuple))
     if annotation is type(None):
         return value is None
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is float:  # finite: .inf and .nan are never a weight, temperature or margin
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(annotation, type):
@@ -42,6 +43,8 @@ def _describe(annotation: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return "null"
+    if annotation is float:
+        return "a finite float"
     return getattr(annotation, "__name__", str(annotation))
 
 

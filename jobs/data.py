@@ -222,7 +222,11 @@ def _read_files(data_files: Mapping[str, str | Path], task: TaskInfo, label_fiel
             raise FileNotFoundError(f"split {split!r}: data file {str(path)!r} does not exist")
     raw = {}
     for split, path in paths.items():
-        columns = _read_table(path)
+        try:
+            columns = _read_table(path)
+        except UnicodeDecodeError as err:  # beyond the prefix validation reads (jobs.datacheck)
+            raise ValueError(f"split {split!r}: data file {str(path)!r} is not UTF-8 text (byte "
+                             f"0x{err.object[err.start]:02x}); save it as UTF-8") from None
         raw[split] = _pick_columns(columns, task, label_field, str(path), lambda i, p=path: f"{p}, row {i}")
     return raw
 

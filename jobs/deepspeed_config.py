@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from jobs.specbase import StrictModel, raise_if
+from jobs.specbase import Bool, Int, StrictModel, raise_if
 
 __all__ = ["DeepSpeedSpec", "config_conflicts", "generated_config", "merge_config"]
 
@@ -28,8 +28,8 @@ class DeepSpeedSpec(StrictModel):
     students; use 2 or 3 (+ offload_optimizer) for large models on GPUs. `config` is raw DeepSpeed JSON
     merged into the generated config; a raw value contradicting a generated one is an error."""
 
-    zero_stage: int = Field(0, ge=0, le=3)
-    offload_optimizer: bool = False
+    zero_stage: Int = Field(0, ge=0, le=3)
+    offload_optimizer: Bool = False
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     config: dict[str, Any] = Field(default_factory=dict)
 

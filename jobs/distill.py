@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -33,6 +34,7 @@ import ckd
 from ckd.features import FeatureNeeds, TaskShape
 from jobs.capture import FeatureCapture, ensure_eager_attention
 from jobs.data import make_dataloader
+from jobs.datacheck import changed_job
 from jobs.distributed import DistEnv, barrier, init_distributed
 from jobs.evaluation import evaluate, is_better, prepare_data
 from jobs.metrics import metric_mode
@@ -138,7 +140,16 @@ def _latest_tag(ckpt_root: Path) -> str | None:
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
+    if not checkpoint_tag_ok(tag):  # DeepSpeed joins it to the checkpoint dir: never a path out of it
+        raise RuntimeError(f"{latest}: {tag[:80]!r} is not a checkpoint tag (expected a plain name such as "
+                           "step-00000010); remove the file or the checkpoint directory to start over")
     return tag if (ckpt_root / tag).is_dir() else None
+
+
+def checkpoint_tag_ok(tag: str) -> bool:
+    """Whether `tag` (read from a checkpoint's `latest`) is a plain directory name: letters, digits, '.', '_'
+    and '-', no path separator, not '.' or '..'."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._\-]{0,127}", tag)) and ".." not in tag
 
 
 def save_checkpoint(engine: Any, ckpt_root: Path, state: TrainState, env: DistEnv) -> Path:
@@ -146,6 +157,7 @@ def save_checkpoint(engine: Any, ckpt_root: Path, state: TrainState, env: DistEn
     and older checkpoints are removed only then, so a crash at any point leaves a complete one."""
     tag = f"step-{state.global_step:08d}"
     (ckpt_root / tag).mkdir(parents=True, exist_ok=True)
+    # Tensors only (and None), read back with weights_only=True: loading it runs no code.
     torch.save({"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                ckpt_root / tag / f"rng-rank{env.rank}.pt")
@@ -167,7 +179,7 @@ def load_checkpoint(engine: Any, ckpt_root: Path, env: DistEnv) -> TrainState | 
     _, client = engine.load_checkpoint(str(ckpt_root), tag=tag)
     if client is None or "trainer" not in client:
         raise RuntimeError(f"{ckpt_root / tag}: not a ckd-orchestrate checkpoint (no trainer state)")
-    rng = torch.load(ckpt_root / tag / f"rng-rank{env.rank}.pt", weights_only=False)
+    rng = torch.load(ckpt_root / tag / f"rng-rank{env.rank}.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -191,6 +203,15 @@ def export_best(engine: Any, student: nn.Module, tokenizer: Any, out: Path, labe
 # -------------------------------------------------------------------------------------------- the job
 
 
+def _refuse_changed_job(spec: JobSpec, out: Path) -> None:
+    change = changed_job(out / "job.json", spec.to_dict())
+    if change is not None:
+        key, was, now = change
+        raise spec._error(key, f"output dir {str(out)!r} holds the checkpoint of a job with another spec "
+                               f"({key} was {was!r}, now {now!r}): use another output.dir, or --no-resume "
+                               f"to discard that checkpoint and start over")
+
+
 def run_job(spec: JobSpec, reporter: Reporter | None = None, *, env: DistEnv | None = None,
             resume: bool = True, show_progress: bool = True) -> dict[str, float]:
     """Train one student and return its summary (`best/<metric>`, `student/parameters`, ...)."""
@@ -198,9 +219,11 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None, *, env: DistEnv | N
     reporter = reporter or Reporter()
     out = Path(spec.output.dir)
     ckpt_root = out / CHECKPOINT_DIR
+    if resume and _latest_tag(ckpt_root) is not None:  # never another job's checkpoint or summary
+        _refuse_changed_job(spec, out)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "job.json", spec.to_dict(), default=float)
+        write_json_atomic(out / "job.json", spec.to_dict(redact=True), default=float)
     t = spec.training
     task = spec.task.task_info()
     mode = metric_mode(task)

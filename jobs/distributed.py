@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import ipaddress
 import os
 import socket
 import subprocess
@@ -95,11 +96,61 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     os.environ.setdefault("LOCAL_RANK", "0")
     local = int(os.environ["LOCAL_RANK"])
     device = _pick_device(local)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if is_loopback(os.environ["MASTER_ADDR"]):
+        _init_loopback_group(backend, device, timeout)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts a group created above
     return DistEnv(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (MASTER_ADDR) names this machine's loopback interface: a single-node job."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def loopback_store(host: str, port: int, rank: int, world_size: int, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The job's rendezvous store with its server (rank 0) listening on `host`, a loopback address, only.
+
+    torch's env:// rendezvous binds the TCPStore server to every interface whatever MASTER_ADDR says; here
+    rank 0 binds the listening socket itself and hands it to the store (`master_listen_fd`)."""
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, False, timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1" if host == "localhost" else host, port))
+        listener.listen(128)
+        store = dist.TCPStore(host, port, world_size, True, timeout, master_listen_fd=listener.fileno())
+    except BaseException:
+        listener.close()
+        raise
+    _listeners.append(listener)  # the store's server uses the descriptor: keep it open for the process's life
+    return store
+
+
+_listeners: list[socket.socket] = []
+
+
+def _init_loopback_group(backend: str, device: torch.device, timeout: datetime.timedelta) -> None:
+    """The process group of a single-node job, reachable from this machine only: the rendezvous store on
+    loopback, and gloo's / NCCL's own sockets on the loopback interface (unless the user chose one)."""
+    names = {name for _, name in socket.if_nameindex()}
+    if "lo" in names:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = loopback_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world, timeout)
+    kwargs: dict[str, Any] = {}
+    if device.type == "cuda" and world > 1:  # as DeepSpeed does (a bound device for NCCL's communicators)
+        kwargs["device_id"] = device
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
 
 
 def barrier() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.distributed import free_port
+from jobs.storage import require_connectable, unredact_uri
 
 
 def run_in_process(spec: Any, *, resume: bool = True) -> dict[str, float]:
@@ -38,12 +39,13 @@ def launch_local(spec: Any, nproc: int, *, resume: bool = True) -> int:
     out = Path(spec.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     job_file = out / "job.json"
-    job_file.write_text(json.dumps(spec.to_dict(), indent=1))
+    # The file holds no credentials: the ranks get the tracking URI itself through their environment.
+    job_file.write_text(json.dumps(spec.to_dict(redact=True), indent=1))
     port = free_port()
     procs = []
     for rank in range(nproc):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MLFLOW_TRACKING_URI=spec.output.tracking_uri())
         cmd = [sys.executable, "-m", "jobs.launch", str(job_file)] + ([] if resume else ["--no-resume"])
         procs.append(subprocess.Popen(cmd, env=env))
     status = 0
@@ -74,6 +76,7 @@ def _worker_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank" + os.environ.get("RANK", "0")
                         + " %(name)s: %(message)s")
     spec = JobSpec.from_mapping(json.loads(Path(argv[0]).read_text()))
+    spec.output.mlflow.tracking_uri = require_connectable(unredact_uri(spec.output.mlflow.tracking_uri) or "") or None
     run_in_process(spec, resume="--no-resume" not in argv)
     return 0
 

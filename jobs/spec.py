@@ -25,8 +25,6 @@ resolved spec means the same thing in any worker's working directory.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -35,13 +33,14 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
-from ckd.config import resolve_terms
+from ckd.config import check_depths, resolve_terms
 from ckd.errors import ObjectiveConfigError
 from jobs.deepspeed_config import DeepSpeedSpec, config_conflicts, generated_config, merge_config
 from jobs.glue import glue_task_key
-from jobs.specbase import Problems, SpecError, SpecIssue, StrictModel, apply_overrides, line_of, raise_if
-from jobs.specbase import read_yaml_mapping, resolve_path, validation_issues
-from jobs.storage import tracking_uri_or_default
+from jobs.packaged import model_limits, source_config
+from jobs.specbase import Bool, Float, Int, Problems, SpecError, SpecIssue, StrictModel, apply_overrides, line_of
+from jobs.specbase import raise_if, read_yaml_mapping, resolve_path, validation_issues
+from jobs.storage import redact_tracking_uris, tracking_uri_or_default
 from jobs.taskspec import HUB_ID, TaskSpec, files_fingerprint
 
 __all__ = [
@@ -87,23 +86,6 @@ def _check_model_source(value: Any, info: ValidationInfo) -> str:
     return value
 
 
-def _source_config(source: str) -> dict[str, Any] | None:
-    """The config.json of a local or packaged model source, or None (Hub ids are not fetched)."""
-    try:
-        if source.startswith("package:"):
-            module_name = _package_models().get(source.removeprefix("package:"), (None,))[0]
-            if module_name is None or importlib.util.find_spec(module_name) is None:
-                return None
-            path = Path(importlib.import_module(module_name).get_model_path())
-        else:
-            path = Path(source)
-            if not path.is_absolute():
-                return None
-        return json.loads((path / "config.json").read_text())
-    except (OSError, ValueError, AttributeError, ImportError):
-        return None
-
-
 def _raw_glue_name(info: ValidationInfo) -> str | None:
     """task.glue from the raw input when the task section itself failed validation (so the objective is
     still checked against the right task instead of reporting a misleading missing task)."""
@@ -121,16 +103,16 @@ def _raw_glue_name(info: ValidationInfo) -> str | None:
 class FinetuneSpec(StrictModel):
     """Fine-tune the teacher on the task before distilling (cached by `JobSpec.teacher_cache_key`)."""
 
-    epochs: int = Field(3, ge=1)
-    learning_rate: float = Field(2e-5, gt=0)
-    batch_size: int = Field(32, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="overrides epochs")
-    seed: int = 42
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    epochs: Int = Field(3, ge=1)
+    learning_rate: Float = Field(2e-5, gt=0)
+    batch_size: Int = Field(32, ge=1)
+    max_steps: Int | None = Field(None, ge=1, description="overrides epochs")
+    seed: Int = 42
+    warmup_ratio: Float = Field(0.1, ge=0, lt=1)
     # A teacher trained on more labelled rows than its students see (e.g. the whole split, while a
     # sweep distils on a subset): the setting in which distillation pays most. The rows are the first
     # N (or task.subset_seed's sample) of the same training split.
-    max_train_examples: int | None = Field(None, ge=1, description="training rows for the teacher "
+    max_train_examples: Int | None = Field(None, ge=1, description="training rows for the teacher "
                                                                    "(default: task.max_train_examples)")
 
 
@@ -150,8 +132,8 @@ class TeacherSpec(StrictModel):
 class FromTeacherStudent(StrictModel):
     """Student = the teacher's embeddings + these (0-based, strictly increasing) teacher layers."""
 
-    layers: list[int] = Field(min_length=1)
-    copy_classifier: bool = True
+    layers: list[Int] = Field(min_length=1)
+    copy_classifier: Bool = True
 
     @field_validator("layers")
     @classmethod
@@ -164,10 +146,10 @@ class FromTeacherStudent(StrictModel):
 class ArchitectureStudent(StrictModel):
     """A randomly initialised student of this shape (vocabulary and labels from the teacher)."""
 
-    num_layers: int = Field(ge=1)
-    hidden_size: int = Field(ge=1)
-    num_heads: int = Field(ge=1)
-    intermediate_size: int = Field(ge=1)
+    num_layers: Int = Field(ge=1)
+    hidden_size: Int = Field(ge=1)
+    num_heads: Int = Field(ge=1)
+    intermediate_size: Int = Field(ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> ArchitectureStudent:
@@ -211,19 +193,19 @@ class TrainingSpec(StrictModel):
     """Distillation training. `batch_size` is the global effective batch (all processes x accumulation);
     `eval_batch_size` is per process."""
 
-    epochs: int = Field(3, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
-    grad_accumulation: int = Field(1, ge=1)
-    seed: int = 42
-    eval_every_steps: int | None = Field(None, ge=1, description="also evaluated at each epoch end")
-    log_every_steps: int = Field(10, ge=1)
-    checkpoint_every_steps: int | None = Field(None, ge=1)
+    epochs: Int = Field(3, ge=1)
+    max_steps: Int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: Int = Field(32, ge=1)
+    eval_batch_size: Int = Field(64, ge=1)
+    learning_rate: Float = Field(5e-5, gt=0)
+    weight_decay: Float = Field(0.01, ge=0)
+    warmup_ratio: Float = Field(0.1, ge=0, lt=1)
+    grad_clip: Float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
+    grad_accumulation: Int = Field(1, ge=1)
+    seed: Int = 42
+    eval_every_steps: Int | None = Field(None, ge=1, description="also evaluated at each epoch end")
+    log_every_steps: Int = Field(10, ge=1)
+    checkpoint_every_steps: Int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> TrainingSpec:
@@ -237,7 +219,7 @@ class MlflowSpec(StrictModel):
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/mlflow.db")
     experiment: str = Field(DEFAULT_EXPERIMENT, min_length=1)
     run_name: str | None = None
-    log_model: bool = True
+    log_model: Bool = True
 
 
 class OutputSpec(StrictModel):
@@ -273,7 +255,7 @@ class JobSpec(StrictModel):
     def _check_student_depth(cls, value: StudentSpec, info: ValidationInfo) -> StudentSpec:
         teacher = info.data.get("teacher")
         if value.from_teacher is not None and teacher is not None:
-            config = _source_config(teacher.source)
+            config = source_config(teacher.source)
             depth = (config or {}).get("num_hidden_layers")
             if isinstance(depth, int) and value.from_teacher.layers[-1] >= depth:
                 raise Problems([("from_teacher.layers", f"layer {value.from_teacher.layers[-1]} out of range "
@@ -296,6 +278,30 @@ class JobSpec(StrictModel):
         except ObjectiveConfigError as err:
             raise Problems([(err.key, err.message)]) from None
         return value
+
+    @model_validator(mode="after")
+    def _check_models(self) -> JobSpec:
+        """The objective's layer maps against both depths and task.max_length against the models' positions
+        (from the config.json of local and packaged models; a Hub model's is not fetched)."""
+        teacher = model_limits(self.teacher.source)
+        student = model_limits(self.student.pretrained) if self.student.pretrained else {}
+        if self.student.from_teacher is not None:
+            student = {**teacher, "layers": len(self.student.from_teacher.layers)}
+        elif self.student.architecture is not None:
+            student = {**teacher, "layers": self.student.architecture.num_layers}
+        problems = []
+        try:
+            check_depths(self.objective, student.get("layers"), teacher.get("layers"))
+        except ObjectiveConfigError as err:
+            problems.append((f"objective.{err.key}", err.message))
+        for who, limits in (("teacher", teacher), ("student", student)):
+            positions = limits.get("positions")
+            if positions is not None and self.task.max_length > positions:
+                problems.append(("task.max_length", f"{self.task.max_length} exceeds the {who}'s {positions} "
+                                                    f"positions (max_position_embeddings in its config.json)"))
+                break
+        raise_if(problems)
+        return self
 
     @field_validator("deepspeed")
     @classmethod
@@ -403,9 +409,11 @@ class JobSpec(StrictModel):
                                        f"deepspeed.config.{k}", m) for k, m in conflicts])
         return merge_config(self.deepspeed.config, ours)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved spec as JSON-compatible data (absolute paths); `from_mapping` reads it back."""
-        return self.model_dump(mode="json")
+    def to_dict(self, *, redact: bool = False) -> dict[str, Any]:
+        """The resolved spec as JSON-compatible data (absolute paths); `from_mapping` reads it back.
+        `redact`: the tracking URI without credentials (`jobs.storage.redact_uri`), for what is stored or logged."""
+        data = self.model_dump(mode="json")
+        return redact_tracking_uris(data) if redact else data
 
     def flat_params(self) -> dict[str, str]:
         """The resolved spec flattened to dotted keys for MLflow params (unset options left out, lists and
@@ -413,7 +421,7 @@ class JobSpec(StrictModel):
         `teacher.cache_key`. Keys are cut to 250 and values to 6000 characters
         (a hash suffix keeps cut keys distinct and marks cut values)."""
         flat: dict[str, str] = {}
-        _flatten(self.to_dict(), "", flat)
+        _flatten(self.to_dict(redact=True), "", flat)
         _flatten(self.resolved_objective(), "objective_terms", flat)
         flat["teacher.cache_key"] = self.teacher_cache_key()
         out = {}

@@ -1,8 +1,12 @@
 """The strict-config kernel every config file of the project is read with (job specs, grids, cluster blocks).
 
-- `read_yaml_mapping`: YAML with line numbers, duplicate keys rejected, `3e-5` read as a float;
+- `read_yaml_mapping`: YAML with line numbers, duplicate keys rejected, `3e-5` read as a float, and bounded
+  (`MAX_CONFIG_BYTES`, UTF-8 only, nesting up to `MAX_YAML_DEPTH`, aliases expanding to at most
+  `MAX_YAML_NODES` nodes: no alias bomb, no RecursionError);
 - `apply_overrides`: `dotted.key=value` overrides (values parsed as YAML) and `set_dotted`, the one walk
   that sets a dotted key inside nested mappings;
+- `Int`, `Float`, `Bool`: numbers and flags that refuse strings and booleans-for-numbers (`epochs: "2"`,
+  `epochs: true`); every float of a `StrictModel` must be finite;
 - `StrictModel`: pydantic models where an unknown key is an error; validators raise `Problems([(relative
   key, message), ...])` to report at sub-keys;
 - `validation_issues` / `key_messages`: a pydantic error as "file:line: dotted.key: message" lines, with
@@ -21,12 +25,13 @@ import re
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Strict, ValidationError, ValidationInfo
 
 __all__ = [
+    "MAX_CONFIG_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_NODES", "Bool", "Float", "Int",
     "Problems", "SpecError", "SpecIssue", "StrictModel", "apply_overrides", "base_dir", "dotted_key",
     "key_messages", "line_of", "parse_value", "raise_if", "read_yaml_mapping", "resolve_path", "set_dotted",
     "unwrap_model", "validation_issues",
@@ -97,24 +102,77 @@ def resolve_path(value: Any, info: ValidationInfo) -> Any:
 # ----------------------------------------------------------------------------------------------- models
 
 
-class StrictModel(BaseModel):
-    """A config model where an unknown key is an error."""
+def _no_text_or_flag(kind: str) -> Any:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"expected {kind}, got {str(value).lower()} (a boolean)")
+        if isinstance(value, (str, bytes)):
+            raise ValueError(f"expected {kind}, got the string {_short(value)}; write the number without quotes")
+        return value
+    return BeforeValidator(check)
 
-    model_config = ConfigDict(extra="forbid", validate_default=False, arbitrary_types_allowed=False)
+
+# An integer (an integral float such as a quantised sample's 16.0 still reads as 16), never a string or a bool.
+Int = Annotated[int, _no_text_or_flag("an integer")]
+# A finite number (YAML ints welcome), never a string or a bool.
+Float = Annotated[float, _no_text_or_flag("a number")]
+# true or false, never 1, "yes" or "true".
+Bool = Annotated[bool, Strict()]
+
+
+class StrictModel(BaseModel):
+    """A config model where an unknown key is an error and every float is finite (no .inf, no .nan)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=False, arbitrary_types_allowed=False,
+                              allow_inf_nan=False)
 
 
 # ------------------------------------------------------------------------------------------------ YAML
+
+# A config file larger than this is refused before it is parsed (a grid or job spec is a few KB).
+MAX_CONFIG_BYTES = 1 << 20
+# Nested mappings/lists deeper than this are refused (PyYAML composes recursively: 3,000 nested brackets
+# would be a RecursionError); a job spec is about 6 levels deep.
+MAX_YAML_DEPTH = 64
+# The document's nodes once every alias is expanded: an alias bomb (`b: [*a, *a, ...]`, nine levels of
+# nine) would otherwise take minutes and gigabytes in everything that walks the data.
+MAX_YAML_NODES = 100_000
 
 
 class _DuplicateKey(yaml.MarkedYAMLError):
     pass
 
 
+class _LimitExceeded(yaml.MarkedYAMLError):
+    pass
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader that reads `3e-5` as a float (YAML 1.2; PyYAML's 1.1 rules make it a string) and
-    rejects duplicate keys."""
+    rejects duplicate keys, nesting deeper than `MAX_YAML_DEPTH` and aliases that expand beyond
+    `MAX_YAML_NODES` nodes (or into themselves)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _LimitExceeded(problem=f"nested more than {MAX_YAML_DEPTH} levels deep "
+                                             f"(jobs.specbase.MAX_YAML_DEPTH)",
+                                     problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded(node)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)  # `<<: *defaults` merge keys, as SafeLoader reads them
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
@@ -134,6 +192,39 @@ _Loader.add_implicit_resolver(
                    |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."),
 )
+
+
+def _check_expanded(root: yaml.Node) -> None:
+    """Refuse a node graph whose aliases expand beyond MAX_YAML_NODES nodes or MAX_YAML_DEPTH levels, or
+    that contains itself (`&a [*a]`). Shared nodes are measured once, so this is linear in the text."""
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded nodes, height)
+    active: set[int] = set()
+
+    def measure(node: yaml.Node, depth: int) -> tuple[int, int]:
+        problem = None
+        if id(node) in active:
+            problem = "an alias refers to the collection that contains it (a recursive structure)"
+        elif id(node) not in sizes and depth <= MAX_YAML_DEPTH:
+            active.add(id(node))
+            size, height = 1, 0
+            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+                node.value if isinstance(node, yaml.SequenceNode) else []
+            for child in children:
+                child_size, child_height = measure(child, depth + 1)
+                size, height = size + child_size, max(height, child_height + 1)
+                if size > MAX_YAML_NODES:
+                    problem = (f"aliases expand the document beyond {MAX_YAML_NODES:,} values "
+                               f"(jobs.specbase.MAX_YAML_NODES; a YAML alias bomb?): write the values out")
+                    break
+            active.discard(id(node))
+            sizes[id(node)] = (size, height)
+        if problem is None and depth + sizes.get(id(node), (0, 0))[1] > MAX_YAML_DEPTH:
+            problem = f"aliases nest the data more than {MAX_YAML_DEPTH} levels deep (jobs.specbase.MAX_YAML_DEPTH)"
+        if problem:
+            raise _LimitExceeded(problem=problem, problem_mark=node.start_mark)
+        return sizes[id(node)]
+
+    measure(root, 1)
 
 
 def _key_lines(node: yaml.Node | None, prefix: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
@@ -173,7 +264,10 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[str, int]]:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark is not None else None
         what = " ".join(p for p in (err.context, err.problem) if p)
-        raise SpecError([SpecIssue(file, line, "", f"YAML syntax error: {what}")]) from None
+        kind = "YAML refused" if isinstance(err, _LimitExceeded) else "YAML syntax error"
+        raise SpecError([SpecIssue(file, line, "", f"{kind}: {what}")]) from None
+    except RecursionError:  # a safety net: MAX_YAML_DEPTH stops nesting well before this
+        raise SpecError([SpecIssue(file, None, "", "YAML refused: nested too deeply")]) from None
     except yaml.YAMLError as err:
         raise SpecError([SpecIssue(file, None, "", f"YAML error: {err}")]) from None
     finally:
@@ -247,6 +341,17 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str], file: str
 # --------------------------------------------------------------------------------------------- loading
 
 
+def _decode(raw: bytes, file: str, what: str) -> str:
+    """The file's text as UTF-8 (a BOM is dropped); SpecError naming the line of the first bad byte."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise SpecError([SpecIssue(file, line, "", f"the {what} is not UTF-8 text: byte 0x{raw[err.start]:02x} at "
+                                                   f"column {column} (Latin-1?); save the file as UTF-8")]) from None
+
+
 def read_yaml_mapping(path: str | Path, what: str = "spec") -> tuple[dict[str, Any], dict[str, int]]:
     """Read a YAML file whose top level is a mapping (an empty file reads as {}).
 
@@ -260,11 +365,18 @@ def read_yaml_mapping(path: str | Path, what: str = "spec") -> tuple[dict[str, A
     path = Path(path)
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.is_dir():
+            raise SpecError([SpecIssue(file, None, "", f"the {what} is a directory, not a YAML file")])
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise SpecError([SpecIssue(file, None, "", f"{what} file not found")]) from None
     except OSError as err:
         raise SpecError([SpecIssue(file, None, "", f"cannot read the {what}: {err.strerror or err}")]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise SpecError([SpecIssue(file, None, "", f"the {what} file is larger than {MAX_CONFIG_BYTES:,} bytes "
+                                                   f"(jobs.specbase.MAX_CONFIG_BYTES): not a config file?")])
+    text = _decode(raw, file, what)
     data, lines = _parse_yaml(text, file)
     if data is None:
         data = {}

@@ -1,9 +1,10 @@
-"""The `task:` section of a job spec: a GLUE task or a generic dataset, validated without reading data.
+"""The `task:` section of a job spec: a GLUE task or a generic dataset, validated without loading a dataset.
 
     task: {glue: rte, glue_dir: ../glue}                  # local GLUE copy in the official layout
     task: {glue: sst2}                                    # GLUE from the Hub
     task: {dataset: {files: {train: a.csv, validation: b.jsonl}}, text_fields: [text], label_names: [neg, pos]}
 
+Local data files are checked here too (a bounded prefix: columns, labels, UTF-8; `jobs.datacheck`).
 `TaskSpec.task_info()` gives the task's `TaskInfo`; `TaskSpec.data_identity()` what determines its training
 data, for cache keys. Loading the data is `jobs.data.task_source(task)`'s job, so this module stays light
 (no `datasets`, no `torch`): config validation and `plan` import it.
@@ -18,8 +19,9 @@ from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from jobs.datacheck import check_data_file
 from jobs.glue import GLUE_LAYOUTS, GLUE_TASKS, PRIMARY_METRIC, TaskInfo, glue_task_key, match_task_dir
-from jobs.specbase import StrictModel, raise_if, resolve_path
+from jobs.specbase import Bool, Int, StrictModel, raise_if, resolve_path
 
 __all__ = ["FILE_FORMATS", "HUB_ID", "DatasetSource", "TaskSpec", "files_fingerprint"]
 
@@ -108,12 +110,12 @@ class TaskSpec(StrictModel):
     text_fields: list[str] | None = None
     label_field: str = "label"
     label_names: list[str] | None = None
-    regression: bool = False
+    regression: Bool = False
     metric: str | None = Field(None, description="accuracy | f1 | mcc | pearson_spearman")
-    max_train_examples: int | None = Field(None, ge=1)
-    max_eval_examples: int | None = Field(None, ge=1)
-    subset_seed: int | None = Field(None, description="None keeps the first N rows; an int a seeded sample")
-    max_length: int = Field(128, ge=2)
+    max_train_examples: Int | None = Field(None, ge=1)
+    max_eval_examples: Int | None = Field(None, ge=1)
+    subset_seed: Int | None = Field(None, description="None keeps the first N rows; an int a seeded sample")
+    max_length: Int = Field(128, ge=2)
 
     @field_validator("glue_dir", mode="before")
     @classmethod
@@ -168,11 +170,23 @@ class TaskSpec(StrictModel):
                 problems.append(("label_names", f"duplicate label names {names!r}"))
             if not problems:
                 try:
-                    self.task_info()
+                    info = self.task_info()
                 except ValueError as err:
                     problems.append(("", str(err)))
+                else:
+                    problems += self._check_files(info)
         raise_if(problems)
         return self
+
+    def _check_files(self, info: TaskInfo) -> list[tuple[str, str]]:
+        """Each local data file's content (a bounded prefix): see jobs.datacheck."""
+        files = self.dataset.files if self.dataset is not None else None
+        out = []
+        for split, path in (files or {}).items():
+            problem = check_data_file(path, info, self.label_field)
+            if problem:
+                out.append((f"dataset.files.{split}", problem))
+        return out
 
     def _check_glue_dir(self) -> list[tuple[str, str]]:
         root = self.glue_dir

@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from jobs.storage import file_lock, sqlite_path, tracking_uri_or_default, write_text_atomic
+from jobs.storage import file_lock, require_connectable, sqlite_path, tracking_uri_or_default, write_text_atomic
 
 __all__ = [
     "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH", "ParamConflictError", "STUDENT_MODEL_NAME",
@@ -101,6 +101,7 @@ def prepare_store(tracking_uri: str) -> None:
     """
     if tracking_uri in _prepared_stores:
         return
+    require_connectable(tracking_uri)  # a stored copy without its credentials: say what to export
     db = sqlite_path(tracking_uri)
     if db is None or (db.is_file() and not os.access(db.parent, os.W_OK)):
         MlflowClient(tracking_uri)

@@ -7,8 +7,11 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from jobs.storage import redact_uri
 
 EXIT_BAD_INPUT = 2
 
@@ -62,18 +65,55 @@ def _load_grid_or_exit(path: str, overrides: Sequence[str]):
         raise SystemExit(EXIT_BAD_INPUT) from None
 
 
-def _sweep_or_exit(ref: str | None):
-    from orchestrator.state import find_sweep, latest_sweep
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> SystemExit:
+    """Print one `error: ...` line on stderr; the SystemExit to raise."""
+    print(f"error: {message}", file=sys.stderr)
+    return SystemExit(code)
+
+
+def _sweep_or_exit(ref: str | None, *, exact: bool = False):
+    """The sweep named by `ref` (a directory, an exact id or, unless `exact`, a unique id prefix: the match
+    is printed before the command acts), else the latest submitted; its sweep.json and state.json read once,
+    so that a broken sweep is refused before anything is done to it."""
+    from orchestrator.state import SweepFileError, find_sweep, latest_sweep
 
     try:
-        sweep = find_sweep(ref) if ref else latest_sweep()
-    except LookupError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT) from None
-    if sweep is None:
-        print("error: no sweep submitted yet; pass a sweep id or directory", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT)
+        sweep = find_sweep(ref, prefix=not exact) if ref else latest_sweep()
+        if sweep is None:
+            raise _fail("no sweep submitted yet; pass a sweep id or directory")
+        if ref and sweep.sweep_id != ref and Path(ref).expanduser().resolve() not in (sweep.path,
+                                                                                      sweep.path / "sweep.json"):
+            print(f"{ref!r} matches sweep {sweep.sweep_id} ({sweep.path})", file=sys.stderr)
+        sweep.check()
+    except SweepFileError as err:
+        raise _fail(str(err)) from None
     return sweep
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port between 1 and 65535, got {text!r}")
+    return value
+
+
+def _mlflow_error(err: Exception) -> str:
+    """An MLflow exception's message, first line only (MLflow appends long hints)."""
+    text = str(getattr(err, "message", None) or err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -114,6 +154,8 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     from orchestrator.console import print_logs
     from orchestrator.control import driver_log
 
+    if args.trial is not None and (not args.trial or Path(args.trial).name != args.trial or args.trial in (".", "..")):
+        raise _fail(f"{args.trial!r} is not a trial id (see `ckd-orchestrate status`)")
     sweep = _sweep_or_exit(args.sweep)
     text = driver_log(sweep, args.tail) if args.trial is None else None
     return print_logs(sweep, args.trial, args.tail, text)
@@ -122,7 +164,7 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 def _cmd_cancel(args: argparse.Namespace) -> int:
     from orchestrator.control import cancel
 
-    return cancel(_sweep_or_exit(args.sweep))
+    return cancel(_sweep_or_exit(args.sweep, exact=True))
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
@@ -132,45 +174,92 @@ def _cmd_best(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from orchestrator.grid import GridSpec
-    from orchestrator.report import front_report
+    from orchestrator.control import grid_of
 
     sweep = _sweep_or_exit(args.sweep)
     state = sweep.state()
     if not state.get("parent_run_id"):
         print(f"error: sweep {sweep.sweep_id} has not started yet (no MLflow parent run)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    grid = GridSpec.from_record(sweep.record())
-    out = front_report(state["parent_run_id"], grid.metric_name, Path(args.out or sweep.path / "report.png"),
-                       mode=grid.metric_mode, tracking_uri=state["tracking_uri"])
+    if not state.get("tracking_uri"):
+        raise _fail(f"{sweep.path / 'state.json'}: a parent run but no tracking_uri; the file is corrupt")
+    out = Path(args.out or sweep.path / "report.png")
+    if out.is_dir() or out.suffix.lower() != ".png":
+        raise _fail(f"--out {out}: expected the path of a .png file")
+    grid = grid_of(sweep)
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.report import front_report
+
+    uri = _connect_uri(state)
+    try:
+        out = front_report(state["parent_run_id"], grid.metric_name, out, mode=grid.metric_mode,
+                           tracking_uri=uri)
+    except MlflowException as err:
+        raise _fail(f"cannot read sweep {sweep.sweep_id}'s runs from {state['tracking_uri']}: "
+                    f"{_mlflow_error(err)}", 1) from None
     print(f"report: {out} (and {out.with_suffix('.csv')}), logged to the sweep's parent run")
     return 0
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from jobs.storage import sqlite_path
     from orchestrator.registry import PullError, pull
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
         sweep = _sweep_or_exit(args.sweep)
-        uri = sweep.state().get("tracking_uri")
+        state = sweep.state()
+        if not state.get("tracking_uri"):
+            raise _fail(f"sweep {sweep.sweep_id} has no MLflow store yet (its driver has not started); "
+                        "pass --tracking-uri")
+        uri = _connect_uri(state)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # pull reads a store: it never creates an empty one
+        raise _fail(f"no MLflow store at {redact_uri(uri)} ({db} does not exist)")
     try:
         dest = pull(args.model_uri, Path(args.dest), tracking_uri=uri)
     except (PullError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except MlflowException as err:
+        raise _fail(f"cannot use the MLflow store {redact_uri(uri)!r}: {_mlflow_error(err)}", 1) from None
     print(f"pulled {args.model_uri} to {dest} "
           "(load with AutoModelForSequenceClassification.from_pretrained and AutoTokenizer.from_pretrained)")
     return 0
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
+    import socket
+
     sweep = _sweep_or_exit(args.sweep)
-    uri = sweep.state().get("tracking_uri")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(args.port)]
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)")
-    os.execv(sys.executable, cmd)
+    state = sweep.state()
+    if not state.get("tracking_uri"):
+        raise _fail(f"sweep {sweep.sweep_id} has no MLflow store yet (its driver has not started)")
+    uri = _connect_uri(state)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", args.port))
+        except OSError as err:
+            raise _fail(f"--port {args.port}: cannot listen on 127.0.0.1:{args.port} ({err.strerror or err}); "
+                        "choose another port") from None
+    # The store through the environment, not the command line (which every user of the machine can read).
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"MLflow UI for {redact_uri(uri)} at http://127.0.0.1:{args.port} (Ctrl-C to stop)")
+    os.execve(sys.executable, cmd, {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri})
+
+
+def _connect_uri(state: Mapping[str, Any]) -> str:
+    """The MLflow store to read a sweep's runs from (state.json keeps it without credentials: see
+    `records.stored_tracking_uri`); a stored URI that cannot be completed ends with one line."""
+    from orchestrator.records import stored_tracking_uri
+
+    try:
+        return stored_tracking_uri(state)
+    except ValueError as err:
+        raise _fail(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,10 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def sweep_command(name: str, func, help: str, optional: bool = True) -> argparse.ArgumentParser:
+    def sweep_command(name: str, func, help: str, optional: bool = True,
+                      exact: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
+        what = "sweep directory or exact sweep id" if exact else \
+            "sweep directory, sweep id, or a unique prefix of one (the matched sweep is printed first)"
         p.add_argument("sweep", nargs="?" if optional else None,
-                       help="sweep id or directory" + (" (default: the latest submitted)" if optional else ""))
+                       help=what + (" (default: the latest submitted)" if optional else ""))
         p.set_defaults(func=func)
         return p
 
@@ -202,8 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_command("status", _cmd_status, "the sweep's state and its trials (state, progress, metric)")
     logs = sweep_command("logs", _cmd_logs, "the sweep driver's log, or one trial's job log", optional=False)
     logs.add_argument("trial", nargs="?", help="trial id (see status)")
-    logs.add_argument("--tail", type=int, default=None, help="only the last N lines")
-    sweep_command("cancel", _cmd_cancel, "stop a running sweep and mark it cancelled", optional=False)
+    logs.add_argument("--tail", type=_positive_int, default=None, metavar="N", help="only the last N lines (N >= 1)")
+    cancel = sweep_command("cancel", _cmd_cancel, "stop a running sweep and mark it cancelled (the exact sweep id "
+                                                  "or directory: no prefix)", optional=False, exact=True)
+    cancel.description = ("stop a running sweep and mark it cancelled. It takes the sweep directory or its exact "
+                          "id: a prefix, enough for the other commands (which print the sweep it matched), is "
+                          "refused here, so that a short id never stops the wrong sweep")
     resume = sweep_command("resume", _cmd_resume, "continue a stopped sweep: finished trials are not rerun",
                            optional=False)
     resume.add_argument("--detach", action="store_true", help="return at once")
@@ -217,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--sweep", help="take the MLflow store of this sweep (default: the latest submitted)")
     pull.set_defaults(func=_cmd_pull)
     ui = sweep_command("ui", _cmd_ui, "open the MLflow UI on the sweep's store, bound to 127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=_port, default=5000, help="port on 127.0.0.1 (1-65535, free; default 5000)")
     return parser
 
 
@@ -227,7 +323,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("datasets", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as err:  # the known refusals as one line; anything else is a bug and keeps its traceback
+        from cluster.base import BackendUnavailable
+        from orchestrator.state import StatusMoveError, SweepFileError
+
+        if not isinstance(err, (SweepFileError, StatusMoveError, BackendUnavailable)):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cluster.base import JobStatus, SweepStatus
+from orchestrator import records
 from orchestrator.state import SweepDir
 
 __all__ = ["console", "print_best", "print_champion", "print_logs", "print_status"]
@@ -38,9 +40,28 @@ def print_status(sweep: SweepDir, state: Mapping[str, Any], job: JobStatus) -> N
         return
     from orchestrator.report import trials_table  # MLflow: only once there are runs to show
 
-    sweep_block = sweep.record()["grid"]["sweep"]
-    metric, mode = sweep_block["metric"], sweep_block["mode"]
-    rows = trials_table(state["parent_run_id"], metric, tracking_uri=state["tracking_uri"])
+    sweep_block = sweep.record()["grid"].get("sweep") or {}
+    metric, mode = sweep_block.get("metric") or "eval/accuracy", sweep_block.get("mode") or "max"
+    try:
+        uri = records.stored_tracking_uri(state)
+    except ValueError as err:  # stored without its credentials and no $MLFLOW_TRACKING_URI to complete it
+        console.print(f"  trials: not shown ({err})", markup=False)
+        return
+    from mlflow.exceptions import MlflowException
+
+    from jobs.storage import redact_uri, sqlite_path
+
+    db = sqlite_path(uri) if uri else None
+    if db is not None and not db.is_file():  # status reads the store: it never creates an empty one
+        console.print(f"  trials: not shown (no MLflow store at {db})", markup=False)
+        return
+    try:
+        rows = trials_table(state["parent_run_id"], metric, tracking_uri=uri)
+    except MlflowException as err:
+        first = (str(err.message).strip().splitlines() or [type(err).__name__])[0][:300]
+        console.print(f"  trials: not shown (cannot read them from {redact_uri(uri or '')}: {first})",
+                      markup=False, soft_wrap=True)
+        return
     table = Table(title=f"trials ({metric}, {mode})")
     for column in ("trial", "label", "state", "step", metric, "best", "params", "latency ms"):
         table.add_column(column, justify="right" if column in ("step", "best", "params", "latency ms") else "left")
@@ -61,9 +82,11 @@ def _trial_progress(sweep: SweepDir, trial_id: str | None) -> str:
     metrics = sweep.trial_dir(trial_id) / "metrics.json"
     if not metrics.is_file():
         return ""
-    data = json.loads(metrics.read_text())
-    history = data.get("history") or []
-    return str(history[-1]["step"]) if history else ""
+    try:
+        history = json.loads(metrics.read_text()).get("history") or []
+        return str(history[-1]["step"]) if history else ""
+    except (OSError, ValueError, AttributeError, LookupError, TypeError):  # written by a trial as it runs
+        return "?"
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -78,7 +101,7 @@ def print_logs(sweep: SweepDir, trial: str | None, tail: int | None, backend_tex
         return 0
     path = sweep.log_file if trial is None else sweep.trial_dir(trial) / "job.log"
     if not path.is_file():
-        console.print(f"[red]error:[/] no log at {path}", highlight=False)
+        console.print(f"[red]error:[/] no log at {escape(str(path))}", highlight=False, soft_wrap=True)
         return 2
     lines = path.read_text(errors="replace").splitlines()
     sys.stdout.write("\n".join(lines[-tail:] if tail else lines) + "\n")

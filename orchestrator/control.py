@@ -25,15 +25,18 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from cluster.base import Backend, ClusterSpec, JobStatus, SweepStatus, backend_class, config_model
+from jobs.storage import redact_text, redact_uri
 from orchestrator import records
 from orchestrator.console import console, print_champion, print_status
 from orchestrator.launch import driver_launch
-from orchestrator.state import SweepDir, new_sweep_id
+from orchestrator.state import SweepDir, SweepFileError, new_sweep_id
 
 __all__ = [
-    "backend_errors", "backend_of", "cancel", "cluster_spec_of", "create_sweep", "driver_log", "refresh_status",
-    "resume", "show_status", "start_driver", "submit",
+    "backend_errors", "backend_of", "cancel", "cluster_spec_of", "create_sweep", "driver_log", "grid_of",
+    "refresh_status", "resume", "show_status", "start_driver", "submit",
 ]  # fmt: skip
 
 _ACTIVE = (SweepStatus.PENDING, SweepStatus.RUNNING)
@@ -50,14 +53,26 @@ def create_sweep(grid: Any, grid_file: Path) -> SweepDir:
 
 def cluster_spec_of(sweep: SweepDir) -> ClusterSpec:
     """The sweep's validated `cluster:` block, from sweep.json (the grid's points are not validated again)."""
+    from pydantic import ValidationError
+
     data = dict(sweep.record()["grid"].get("cluster") or {"backend": "local"})
-    model = config_model(str(data.get("backend", "local")))
-    return model.model_validate(data)
+    where = sweep.path / "sweep.json"
+    try:
+        model = config_model(str(data.get("backend", "local")))
+        return model.model_validate(data)
+    except ValueError as err:  # an unknown backend; pydantic's ValidationError is a ValueError too
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()[:3]) \
+            if isinstance(err, ValidationError) else str(err)
+        raise SweepFileError(f"{where}: the recorded cluster block is not valid here: {detail}") from None
 
 
 def backend_of(sweep: SweepDir) -> Backend:
     """The backend the sweep was submitted to, built from its recorded `cluster:` block."""
     spec = cluster_spec_of(sweep)
+    recorded = (sweep.state().get("backend") or {}).get("backend")
+    if recorded is not None and recorded != spec.backend:  # never ask (or cancel through) the wrong backend
+        raise SweepFileError(f"{sweep.path / 'state.json'}: holds a {recorded} job, but the sweep was submitted "
+                             f"to the {spec.backend} backend (sweep.json); the sweep's files disagree")
     return backend_class(spec.backend)(spec)
 
 
@@ -67,7 +82,7 @@ def backend_errors(backend: str, what: str) -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        console.print(f"[red]error:[/] {what} ({backend}): {err}", highlight=False)
+        console.print(f"[red]error:[/] {escape(f'{what} ({backend}): {err}')}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
 
 
@@ -79,7 +94,7 @@ def _record_job(sweep: SweepDir, backend: Backend, job: Mapping[str, Any], launc
     if backend.shares_sweep_dir:
         sweep.update_state(backend=job)
     else:
-        sweep.update_state(backend=job, tracking_uri=uri, experiment=experiment)
+        sweep.update_state(backend=job, tracking_uri=redact_uri(uri), experiment=experiment)
 
 
 def start_driver(sweep: SweepDir, grid: Any, backend: Backend,
@@ -99,6 +114,7 @@ def _run_here(sweep: SweepDir) -> int:
     """Run the driver in this process (a blocking local submit or resume); Ctrl-C cancels."""
     from orchestrator.driver import run_sweep
 
+    sweep.log_file.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(sweep.log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
@@ -108,6 +124,13 @@ def _run_here(sweep: SweepDir) -> int:
     except KeyboardInterrupt:
         console.print(f"sweep {sweep.sweep_id} cancelled; `ckd-orchestrate resume {sweep.sweep_id}` continues it")
         return 130
+    except Exception as err:  # the driver recorded the failure in state.json; its traceback goes to the log
+        logging.getLogger(__name__).exception("sweep %s failed", sweep.sweep_id)
+        first = redact_text(str(err)).strip().splitlines()[:1]
+        console.print(f"error: sweep {sweep.sweep_id} failed: {type(err).__name__}: "
+                      f"{first[0] if first else ''} (details in {sweep.log_file})",
+                      highlight=False, markup=False)
+        return 1
     finally:
         logging.getLogger().removeHandler(handler)
     print_status(sweep, *refresh_status(sweep))
@@ -132,8 +155,8 @@ def submit(grid: Any, grid_file: Path, *, detach: bool) -> int:
         job = start_driver(sweep, grid, backend, None)
     except Exception as err:
         sweep.set_status(SweepStatus.FAILED, error=f"submission to {grid.backend} failed: {err}"[:2000])
-        console.print(f"[red]error:[/] submitting sweep {sweep.sweep_id} to {grid.backend} failed: {err}",
-                      highlight=False)
+        console.print(f"[red]error:[/] {escape(f'submitting sweep {sweep.sweep_id} to {grid.backend} failed: {err}')}",
+                      highlight=False, soft_wrap=True)
         return 1
     console.print(f"sweep [bold]{sweep.sweep_id}[/] in {sweep.path}; {grid.backend} job [bold]{job['job_id']}[/]")
     console.print(f"follow it with `ckd-orchestrate status {sweep.sweep_id}`, `ckd-orchestrate logs "
@@ -201,9 +224,7 @@ def resume(sweep: SweepDir, *, detach: bool) -> int:
         where = f" on {backend.name} ({reported.line})" if reported.line else f" (pid {job.get('pid')})"
         console.print(f"sweep {sweep.sweep_id} is still {status}{where}", highlight=False)
         return 2
-    from orchestrator.driver import load_grid_of
-
-    grid = load_grid_of(sweep)
+    grid = grid_of(sweep)
     if backend.name != "local":
         with backend_errors(backend.name, f"resuming sweep {sweep.sweep_id}"):
             job = _restart(sweep, grid, backend, job, status)
@@ -214,6 +235,21 @@ def resume(sweep: SweepDir, *, detach: bool) -> int:
         _restart(sweep, grid, backend, job, status)
         return 0
     return _run_here(sweep)
+
+
+def grid_of(sweep: SweepDir) -> Any:
+    """The sweep's GridSpec from sweep.json (imported here: status, logs and cancel never need the grid's models).
+
+    Raises:
+        SweepFileError: the recorded grid does not fit this version's schema (the issues listed).
+    """
+    from jobs.specbase import SpecError
+    from orchestrator.grid import GridSpec
+
+    try:
+        return GridSpec.from_record(sweep.record())
+    except SpecError as err:
+        raise SweepFileError(f"{sweep.path / 'sweep.json'}: the recorded grid is not valid:\n{err}") from None
 
 
 def _restart(sweep: SweepDir, grid: Any, backend: Backend, previous: Mapping[str, Any],

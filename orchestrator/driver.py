@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.base import SweepStatus
+from jobs.storage import redact_text, redact_uri, require_connectable
 from orchestrator import records
 from orchestrator.grid import GridSpec
 from orchestrator.launch import RECORD_ENV, bootstrap_sweep
@@ -32,11 +33,6 @@ from orchestrator.tune import build_tuner
 log = logging.getLogger("orchestrator.driver")
 
 TEACHER_KEYS = ("teacher.", "task.")
-
-
-def load_grid_of(sweep: SweepDir) -> GridSpec:
-    """The grid of a submitted sweep, from its sweep.json (checked at submit: its points are not re-checked)."""
-    return GridSpec.from_record(sweep.record())
 
 
 def start_parent_run(sweep: SweepDir, grid: Any) -> str:
@@ -157,12 +153,12 @@ def run_sweep(sweep: SweepDir) -> dict[str, Any]:
 
     from orchestrator import registry, report
 
-    grid = GridSpec.from_record(sweep.record())
+    grid = GridSpec.from_record(sweep.record())  # the tracking URI with its credentials from the environment
     os.environ["CKD_CACHE_DIR"] = str(sweep.cache_dir)
-    os.environ["MLFLOW_TRACKING_URI"] = grid.tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = require_connectable(grid.tracking_uri())
     sweep.set_status(SweepStatus.RUNNING, driver_pid=os.getpid())
     parent = start_parent_run(sweep, grid)
-    sweep.update_state(parent_run_id=parent, tracking_uri=grid.tracking_uri(),
+    sweep.update_state(parent_run_id=parent, tracking_uri=redact_uri(grid.tracking_uri()),
                        experiment=grid.mlflow.experiment)
     try:
         prepare_teachers(grid)
@@ -212,7 +208,7 @@ def run_sweep(sweep: SweepDir) -> dict[str, Any]:
         # `cancel` may have marked the sweep cancelled already (it stops waiting for a slow driver): a failure
         # while stopping does not turn a cancel into a failure.
         with contextlib.suppress(StatusMoveError):
-            sweep.set_status(status, error=f"{type(err).__name__}: {err}"[:2000])
+            sweep.set_status(status, error=redact_text(f"{type(err).__name__}: {err}")[:2000])
         raise
     finally:
         shutdown_ray()

@@ -15,6 +15,7 @@
       max_concurrent_trials: null         # default: as many as the cluster can place
       resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
       max_failures: 2                     # retries of a failed trial, from its last checkpoint
+      max_trials: 10000                   # more trials than this is refused (a typo guard): raise it to mean it
     cluster: {backend: local}             # local | ray | slurm | kubernetes, plus the backend's fields
     mlflow: {tracking_uri: null, experiment: null, registered_model: null, alias: champion}
     root: null                            # sweep root; default <grid dir>/sweeps/<grid file stem>
@@ -66,7 +67,7 @@ from jobs.glue import METRIC_MODE
 from jobs.spec import JobSpec
 from jobs.specbase import Problems, SpecError, SpecIssue, StrictModel
 from jobs.specbase import apply_overrides, parse_value, read_yaml_mapping, validation_issues
-from jobs.storage import tracking_uri_or_default
+from jobs.storage import redact_tracking_uris, tracking_uri_or_default, unredact_uri
 from orchestrator import grid_checks
 from orchestrator.space import DOMAIN_KINDS, Sampled, SweepSpec, apply_trial, show_value
 
@@ -207,6 +208,8 @@ class GridSpec(StrictModel):
         except ValidationError as err:
             raise SpecError(validation_issues(err, file=file, root=cls)) from None
         grid._file, grid._base_dir = file, base
+        # sweep.json keeps the tracking URI without credentials: the real one comes back from the environment
+        grid.mlflow.tracking_uri = unredact_uri(grid.mlflow.tracking_uri)
         return grid
 
     @classmethod
@@ -230,6 +233,8 @@ class GridSpec(StrictModel):
                 else Path("sweeps") / stem)
         root = root if root.is_absolute() else (base / root).resolve()
 
+        if root.exists() and not root.is_dir():
+            sink.add("root", f"{str(root)!r} is a file: the sweep root must be a directory (or not exist yet)")
         base_job, base_mapping = grid_checks.load_base_job(data.get("job"), sink, base, root, job_overrides)
         data["job"] = base_mapping if base_mapping is not None else {}
 
@@ -311,8 +316,9 @@ class GridSpec(StrictModel):
         return tracking_uri_or_default(self.mlflow.tracking_uri, env, self.sweep_root / "mlflow.db")
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved grid as JSON-compatible data (sweep.json's `grid`); `from_record` reads it back."""
-        return self.model_dump(mode="json")
+        """The resolved grid as JSON-compatible data (sweep.json's `grid`), every tracking URI without
+        credentials (`jobs.storage.redact_uri`); `from_record` reads it back."""
+        return redact_tracking_uris(self.model_dump(mode="json"))
 
     # ------------------------------------------------------------------------------------------ trials
 
@@ -337,10 +343,9 @@ class GridSpec(StrictModel):
             raise SpecError(sink.issues) from None
 
     def total_trials(self) -> int:
-        """Trials the sweep runs: grid combinations x samples (grid search), else samples."""
-        if self.sweep.search.algorithm != "grid":
-            return self.sweep.samples
-        return math.prod(d.size or 1 for d in self.sweep.space.values() if d.is_grid) * self.sweep.samples
+        """Trials the sweep runs: grid combinations x samples (grid search), else samples (counted, not
+        listed; at most sweep.max_trials)."""
+        return self.sweep.total_trials()
 
     def trial_configs_for_plan(self, limit: int | None = None) -> list[dict[str, Any]]:
         """The trials in Ray Tune's order: grid values concrete, sampled domains as `Sampled` (prints as

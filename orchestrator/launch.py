@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.base import Backend, DriverLaunch, SweepStatus
-from jobs.storage import write_json_atomic
+from jobs.storage import require_connectable, write_json_atomic
 from orchestrator.state import SweepDir
 
 __all__ = [
@@ -66,7 +66,8 @@ def plan_launch(grid: Any, backend: Backend) -> DriverLaunch:
 def _launch(sweep_id: str, local_dir: Path, grid: Any, backend: Backend, record: str | None) -> DriverLaunch:
     sweep_dir = backend.sweep_dir_for(sweep_id, str(local_dir))
     argv = [backend.interpreter(), "-m", DRIVER_MODULE, sweep_dir]
-    tracking_uri = grid.tracking_uri()
+    # In memory and the driver's environment only: what is stored or printed is `redact_uri` of it.
+    tracking_uri = require_connectable(grid.tracking_uri())
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "CKD_CACHE_DIR": f"{sweep_dir.rstrip('/')}/cache"}
     if record is not None:
         argv += ["--bootstrap-env", RECORD_ENV]

@@ -7,6 +7,7 @@ The backend's own checks and what it would hand its scheduler come from the back
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from rich.table import Table
 from cluster.base import Backend, DriverLaunch, TrialShape, backend_class
 from cluster.local import LocalBackend
 from jobs.packaged import resolve_source
-from jobs.storage import sqlite_path
+from jobs.storage import redact_uri, sqlite_path
 from orchestrator.launch import plan_launch
 from orchestrator.records import server_problem
 
@@ -32,6 +33,12 @@ def _backend_launch(grid: Any) -> tuple[Backend, DriverLaunch]:
     """The grid's backend, and the driver's launch `submit` would hand it (placeholders for the sweep)."""
     backend = backend_class(grid.backend)(grid.cluster)
     return backend, plan_launch(grid, backend)
+
+
+def _redacted(launch: DriverLaunch) -> DriverLaunch:
+    """`launch` as `plan` prints it: its tracking URI without credentials."""
+    env = {k: redact_uri(v) if k == "MLFLOW_TRACKING_URI" else v for k, v in launch.env.items()}
+    return dataclasses.replace(launch, env=env, tracking_uri=redact_uri(launch.tracking_uri))
 
 
 def trial_shape(grid: Any) -> TrialShape:
@@ -67,7 +74,7 @@ def check_plan(grid: Any) -> list[str]:
         if not os.access(probe, os.W_OK):
             problems.append(f"mlflow.tracking_uri: cannot create the SQLite store in {folder} (not writable)")
     elif (problem := server_problem(uri)) is not None:
-        problems.append(f"mlflow.tracking_uri: the MLflow server {uri} is not reachable ({problem})")
+        problems.append(f"mlflow.tracking_uri: the MLflow server {redact_uri(uri)} is not reachable ({problem})")
     backend, launch = _backend_launch(grid)
     problems += backend.plan_problems(trial_shape(grid), launch)  # the backend's own (ray: the dashboard answers)
     return problems
@@ -164,12 +171,12 @@ def print_plan(grid: Any, problems: list[str], console: Console | None = None) -
     if total_flops:
         console.print(f"compute: ~{total_flops / 1e12:,.1f} TFLOP in all (upper bound, full-length sequences); "
                       f"~{total_flops / (CPU_GFLOPS * 1e9) / 60:,.0f} min of a 2-core CPU at {CPU_GFLOPS:g} GFLOP/s")
-    console.print(f"MLflow: {grid.tracking_uri()}  experiment {grid.mlflow.experiment!r}  registry "
+    console.print(f"MLflow: {redact_uri(grid.tracking_uri())}  experiment {grid.mlflow.experiment!r}  registry "
                   f"models:/{grid.mlflow.registered_model}@{grid.mlflow.alias}")
     console.print(f"sweep root: {grid.sweep_root}")
-    for title, text in backend.plan_text(launch):  # what submit hands the scheduler, but for the sweep id
+    for title, text in backend.plan_text(_redacted(launch)):  # what submit hands the scheduler, but for the sweep id
         console.print(f"{title}:")
-        _verbatim(text)
+        _verbatim(text.replace(launch.tracking_uri, redact_uri(launch.tracking_uri)) if launch.tracking_uri else text)
     if problems:
         console.print("[bold red]problems:[/]")
         for problem in problems:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cluster.base import SweepStatus
-from jobs.storage import sqlite_path
+from jobs.storage import is_redacted, redact_uri, require_connectable, sqlite_path, unredact_uri
 from orchestrator.state import SweepDir
 
 __all__ = [
@@ -71,7 +71,8 @@ def sync_from_mlflow(sweep: SweepDir, tracking_uri: str) -> dict[str, Any]:
     state = sweep.state()
     if state.get("parent_run_id") and SweepStatus(state.get("status", SweepStatus.PENDING)).is_terminal:
         return state
-    if not _answers(tracking_uri):
+    tracking_uri = unredact_uri(tracking_uri) or tracking_uri  # state.json keeps it without credentials
+    if is_redacted(tracking_uri) or not _answers(tracking_uri):
         return state
     names = _mlflow_names(sweep.record()["grid"])
     client = mlflow.MlflowClient(tracking_uri)
@@ -81,7 +82,7 @@ def sync_from_mlflow(sweep: SweepDir, tracking_uri: str) -> dict[str, Any]:
             return state
         changes: dict[str, Any] = {}
         if state.get("parent_run_id") != parent.info.run_id:
-            changes.update(parent_run_id=parent.info.run_id, tracking_uri=tracking_uri,
+            changes.update(parent_run_id=parent.info.run_id, tracking_uri=redact_uri(tracking_uri),
                            experiment=names["experiment"])
         if parent.info.status == "FINISHED" and state.get("status") != SweepStatus.FINISHED:
             champion = _champion(client, names, sweep.sweep_id)
@@ -90,6 +91,20 @@ def sync_from_mlflow(sweep: SweepDir, tracking_uri: str) -> dict[str, Any]:
     except Exception:  # MLflow down or unreachable from here: status shows what state.json has
         return state
     return sweep.update_state(**changes) if changes else state
+
+
+def stored_tracking_uri(state: Mapping[str, Any]) -> str:
+    """The MLflow store to connect to for a sweep's state.json: its `tracking_uri` (kept without credentials),
+    or $MLFLOW_TRACKING_URI when that is the same URI with its credentials.
+
+    Raises:
+        ValueError: the stored URI had credentials and no matching $MLFLOW_TRACKING_URI is set (the message
+            says what to export), or the state has no tracking URI.
+    """
+    stored = state.get("tracking_uri")
+    if not stored:
+        raise ValueError("the sweep's state.json names no MLflow tracking URI (has its driver started?)")
+    return require_connectable(unredact_uri(stored) or stored)
 
 
 def _mlflow_names(grid: Mapping[str, Any]) -> dict[str, str]:

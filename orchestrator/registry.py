@@ -1,6 +1,6 @@
 """The sweep's end: rank the trials, register the best student, and pull a registered student back.
 
-Layout read (docs/contracts-sweep.md): trials are child runs of the sweep's parent run (tag
+Layout read (docs/architecture.md, "MLflow layout"): trials are child runs of the sweep's parent run (tag
 ``mlflow.parentRunId``) with final metrics ``best/<name>`` (the metrics of the exported student) and a
 transformers-flavour LoggedModel named "student" (``jobs.tracking.log_student``). A Tune / grid metric
 is named ``eval/<name>``; the trials are ranked by ``best/<name>``.
@@ -373,16 +373,20 @@ def pull(model_uri: str, dest: str | os.PathLike, *, tracking_uri: str | None = 
     import mlflow.artifacts
 
     dest = Path(dest).expanduser().resolve()
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+    if dest.exists() and not dest.is_dir():
+        raise FileExistsError(f"destination {dest} exists and is not a directory; choose a new directory")
+    if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"destination {dest} exists and is not empty; choose a new directory")
-    client = client_for(tracking_uri)
+    # The URI's shape first: a malformed one never reaches the store.
     if model_uri.startswith("models:"):
         if not model_uri.startswith("models:/"):
             raise PullError(f"malformed model URI {model_uri!r}; use models:/NAME@ALIAS or models:/NAME/VERSION")
-        _check_model_uri(client, model_uri)
-    elif not model_uri.startswith("runs:/"):
+    elif not model_uri.startswith("runs:/") or len(model_uri.removeprefix("runs:/").strip("/")) == 0:
         raise PullError(f"unsupported model URI {model_uri!r}; use models:/NAME@ALIAS, models:/NAME/VERSION, "
                         "models:/<model_id> or runs:/<run_id>/<path>")
+    client = client_for(tracking_uri)
+    if model_uri.startswith("models:"):
+        _check_model_uri(client, model_uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = dest.parent / f".{dest.name}.pull-{uuid.uuid4().hex[:8]}"
     download, out = work / "download", work / "model"

@@ -1,6 +1,6 @@
 """The accuracy / size / latency front of a sweep: a table of its trials and a plot, logged to the parent run.
 
-Reads the layout of docs/contracts-sweep.md: child runs of the parent with ``best/<name>`` (the metric
+Reads the layout of docs/architecture.md, "MLflow layout": child runs of the parent with ``best/<name>`` (the metric
 of each exported student), ``student/parameters`` and ``student/latency_ms``; swept values as
 ``trial.<key>`` params; the trial id as tag ``ckd.trial_id``.
 """

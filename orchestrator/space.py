@@ -23,14 +23,18 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_serializer, model_validator
 
-from jobs.specbase import Problems, StrictModel, raise_if, set_dotted
+from jobs.specbase import Float, Int, Problems, StrictModel, raise_if, set_dotted
 
 __all__ = [
-    "DOMAIN_KINDS", "TRIAL_DRIVER_CPUS", "Domain", "ResourcesSpec", "Sampled", "SchedulerSpec", "SearchSpec",
+    "DEFAULT_MAX_TRIALS", "MAX_CHECKED_VALUES", "DOMAIN_KINDS", "TRIAL_DRIVER_CPUS", "Domain", "ResourcesSpec", "Sampled", "SchedulerSpec", "SearchSpec",
     "SweepSpec", "apply_trial", "show_value", "trial_label", "trial_value_label",
 ]  # fmt: skip
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform", "qloguniform")
+# A grid or choice longer than this is validated on a sample that covers its types (`Domain.check_points`).
+MAX_CHECKED_VALUES = 64
+# A sweep of more trials than this (grid combinations x samples) is refused unless sweep.max_trials says more.
+DEFAULT_MAX_TRIALS = 10_000
 # The CPU bundle of the Tune function that drives one trial's TorchTrainer (Ray rejects 0).
 TRIAL_DRIVER_CPUS = 0.01
 
@@ -93,14 +97,15 @@ class Domain(StrictModel):
         if kind in ("grid", "choice"):
             if not isinstance(args, list) or not args:
                 raise Problems([("", f"{kind}: expected a non-empty list of values, got {show_value(args)}")])
-            seen: dict[str, int] = {}
+            seen: dict[Any, int] = {}
             for i, value in enumerate(args):
-                key = json.dumps(value, sort_keys=True, default=str)
+                scalar = type(value) in _SCALARS  # the common case, kept fast for a long list of seeds
+                key = (type(value), value) if scalar else json.dumps(value, sort_keys=True, default=str)
                 if key in seen:
                     raise Problems([("", f"{kind}: value {show_value(value)} is listed twice "
                                      f"(items {seen[key]} and {i})")])
                 seen[key] = i
-                reserved = _tune_reserved(value)
+                reserved = None if scalar else _tune_reserved(value)
                 if reserved:
                     raise Problems([("", f"{kind}: value {show_value(value)}: {reserved}")])
             return {"kind": kind, "values": list(args)}
@@ -143,10 +148,12 @@ class Domain(StrictModel):
 
     def check_points(self) -> list[tuple[Any, str]]:
         """The values validation tries, each with the key suffix of where it is written: every grid and
-        choice value; a distribution's bounds and one inner point (off the middle, so that it is not
-        integral for integral bounds: it catches a float domain over an integer key)."""
+        choice value (of a list longer than MAX_CHECKED_VALUES, a bounded sample that covers every type
+        and shape of value and the extremes of the numbers: `_checked_indices`); a distribution's bounds
+        and one inner point (off the middle, so that it is not integral for integral bounds: it catches a
+        float domain over an integer key)."""
         if self.values is not None:
-            return [(v, f"{self.kind}[{i}]") for i, v in enumerate(self.values)]
+            return [(self.values[i], f"{self.kind}[{i}]") for i in _checked_indices(self.values)]
         low, high = self.low, self.high
         assert low is not None and high is not None
         if self.kind == "randint":
@@ -165,6 +172,45 @@ class Domain(StrictModel):
             return f"{self.kind}({', '.join(show_value(v, 40) for v in self.values)})"
         args = [self.low, self.high] + ([self.q] if self.q is not None else [])
         return f"{self.kind}({', '.join(f'{a:g}' for a in args)})"
+
+
+_SCALARS = (int, float, str, bool, type(None))
+
+
+def _shape(value: Any) -> Any:
+    """A value's type and structure (a mapping's keys and their shapes), not its contents."""
+    if type(value) in _SCALARS:
+        return type(value).__name__
+    if isinstance(value, Mapping):
+        return ("map", tuple(sorted((str(k), _shape(v)) for k, v in value.items())))
+    if isinstance(value, list):
+        return ("list", tuple(sorted({repr(_shape(v)) for v in value})))
+    return type(value).__name__
+
+
+def _checked_indices(values: list[Any]) -> list[int]:
+    """Which values of a grid or choice are validated: all of a short list; of a long one (a choice of
+    300,000 seeds) the first and last few, the first of every shape, and each type's smallest and largest
+    number, at most MAX_CHECKED_VALUES, so `plan` answers at once (a job's number bounds are ranges)."""
+    if len(values) <= MAX_CHECKED_VALUES:
+        return list(range(len(values)))
+    first_of: dict[Any, int] = {}
+    extremes: dict[str, list[int]] = {}
+    for i, value in enumerate(values):
+        first_of.setdefault(repr(_shape(value)), i)
+        if type(value) in (int, float):
+            if not math.isfinite(value):
+                first_of.setdefault("non-finite", i)
+                continue
+            low_high = extremes.setdefault(type(value).__name__, [i, i])
+            if value < values[low_high[0]]:
+                low_high[0] = i
+            if value > values[low_high[1]]:
+                low_high[1] = i
+    # Shapes and extremes first (what can be wrong), then the first and last few, in file order.
+    chosen = dict.fromkeys([*first_of.values(), *(i for pair in extremes.values() for i in pair),
+                            *range(8), *range(len(values) - 8, len(values))])
+    return sorted(list(chosen)[:MAX_CHECKED_VALUES])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,16 +232,16 @@ class SearchSpec(StrictModel):
     """How trials are chosen: `grid` (every grid combination x samples), `random`, or `optuna` (TPE)."""
 
     algorithm: Literal["grid", "random", "optuna"] = "grid"
-    seed: int | None = Field(0, description="seeds sampling (None: unseeded)")
+    seed: Int | None = Field(0, description="seeds sampling (None: unseeded)")
 
 
 class SchedulerSpec(StrictModel):
     """When trials stop: `fifo` (never early) or `asha` (successive halving over evaluation rounds)."""
 
     kind: Literal["fifo", "asha"] = "fifo"
-    grace_period: int | None = Field(None, ge=1, description="asha: rounds before a trial can be stopped (default 1)")
-    reduction_factor: float | None = Field(None, gt=1, description="asha: keep 1/rf of trials per rung (default 2)")
-    max_t: int | None = Field(None, ge=1, description="asha: rounds at which a trial is stopped (default: unbounded)")
+    grace_period: Int | None = Field(None, ge=1, description="asha: rounds before a trial can be stopped (default 1)")
+    reduction_factor: Float | None = Field(None, gt=1, description="asha: keep 1/rf of trials per rung (default 2)")
+    max_t: Int | None = Field(None, ge=1, description="asha: rounds at which a trial is stopped (default: unbounded)")
 
     @model_validator(mode="after")
     def _check(self) -> SchedulerSpec:
@@ -211,9 +257,9 @@ class SchedulerSpec(StrictModel):
 class ResourcesSpec(StrictModel):
     """Resources of one trial: a TorchTrainer of `workers` processes (the job's data-parallel world)."""
 
-    workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1, gt=0)
-    gpus_per_worker: float = Field(0, ge=0)
+    workers: Int = Field(1, ge=1)
+    cpus_per_worker: Float = Field(1, gt=0)
+    gpus_per_worker: Float = Field(0, ge=0)
 
     @property
     def cpus(self) -> float:
@@ -229,14 +275,22 @@ class SweepSpec(StrictModel):
     """The `sweep:` section: the space, how trials are drawn and scheduled, what one trial holds."""
 
     space: dict[str, Domain] = Field(default_factory=dict)
-    samples: int = Field(1, ge=1, description="Tune num_samples")
+    samples: Int = Field(1, ge=1, description="Tune num_samples")
     search: SearchSpec = Field(default_factory=SearchSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     metric: str | None = Field(None, description="default: eval/<the task's primary metric>")
     mode: Literal["max", "min"] | None = Field(None, description="default: min for eval/loss, else max")
-    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_concurrent_trials: Int | None = Field(None, ge=1)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    max_failures: int = Field(2, ge=-1, description="retries per trial from its last checkpoint; -1: unlimited")
+    max_failures: Int = Field(2, ge=-1, description="retries per trial from its last checkpoint; -1: unlimited")
+    max_trials: Int = Field(DEFAULT_MAX_TRIALS, ge=1, description="refuse a sweep of more trials (a typo guard)")
+
+    def total_trials(self) -> int:
+        """Trials the sweep runs, counted without listing them: grid combinations x samples (grid search),
+        else samples."""
+        if self.search.algorithm != "grid":
+            return self.samples
+        return math.prod(d.size or 1 for d in self.space.values() if d.is_grid) * self.samples
 
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:
@@ -257,6 +311,13 @@ class SweepSpec(StrictModel):
                                                      "or search.algorithm: random"))
             if importlib.util.find_spec("optuna") is None:
                 problems.append(("search.algorithm", "optuna is not installed: pip install 'optuna>=4'"))
+        total = self.total_trials()
+        if total > self.max_trials:
+            grids = [f"{len(d.values or [])} ({k})" for k, d in self.space.items() if d.is_grid and algorithm == "grid"]
+            count = " x ".join([*grids, f"{self.samples} samples"]) if grids else f"{self.samples} samples"
+            problems.append(("samples" if self.samples > self.max_trials or not grids else "space",
+                             f"the sweep has {total:,} trials ({count}), more than sweep.max_trials "
+                             f"({self.max_trials:,}); set sweep.max_trials: {total} if you mean it"))
         raise_if(problems)
         return self
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from orchestrator.trial import TrialContext
 
 __all__ = ["ASHA_UNBOUNDED_MAX_T", "build_tuner", "param_space", "ray_resources", "scheduler", "search_algorithm",
-           "to_tune"]
+           "to_tune", "tune_config"]
 
 log = logging.getLogger("orchestrator.driver")
 
@@ -52,10 +52,17 @@ def param_space(sweep: SweepSpec) -> dict[str, Any]:
     return {key: to_tune(domain) for key, domain in sweep.space.items()}
 
 
-def search_algorithm(search: SearchSpec) -> Any:
-    """The Tune searcher: a seeded `BasicVariantGenerator` (grid, random; None when unseeded) or an
+def search_algorithm(search: SearchSpec, max_concurrent: int = 0) -> Any:
+    """The Tune searcher: a `BasicVariantGenerator` (grid, random; seeded unless the seed is None) or an
     `OptunaSearch` (TPE). Created without metric/mode: pass `TuneConfig(metric=grid.metric_name,
-    mode=grid.metric_mode)`."""
+    mode=grid.metric_mode)`.
+
+    Args:
+        search: the grid's `sweep.search`.
+        max_concurrent: trials running at once (0: no limit). A `BasicVariantGenerator` given as the search
+            algorithm must carry it itself: Tune ignores `TuneConfig.max_concurrent_trials` for one (it
+            wraps only other searchers), and every trial would start at once and wait for workers.
+    """
     if search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -64,11 +71,9 @@ def search_algorithm(search: SearchSpec) -> Any:
         warnings.filterwarnings("ignore", message="Choices for a categorical distribution should be",
                                 category=UserWarning)
         return OptunaSearch(seed=search.seed)
-    if search.seed is None:
-        return None
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=search.seed)
+    return BasicVariantGenerator(random_state=search.seed, max_concurrent=max_concurrent)
 
 
 def scheduler(spec: SchedulerSpec) -> Any:
@@ -120,9 +125,20 @@ def build_tuner(sweep: SweepDir, grid: GridSpec, context: TrialContext) -> Any:
     return tune.Tuner(
         trainable,
         param_space=param_space(s),
-        tune_config=tune.TuneConfig(metric=grid.metric_name, mode=grid.metric_mode, num_samples=s.samples,
-                                    search_alg=search_algorithm(s.search), scheduler=scheduler(s.scheduler),
-                                    max_concurrent_trials=concurrent),
+        tune_config=tune_config(grid, concurrent),
         run_config=tune.RunConfig(name=sweep.tune_dir.name, storage_path=str(sweep.path),
                                   failure_config=tune.FailureConfig(max_failures=s.max_failures)),
     )
+
+
+def tune_config(grid: GridSpec, concurrent: int) -> Any:
+    """The sweep's `TuneConfig`: metric, samples, searcher and scheduler, at most `concurrent` trials at once."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    s = grid.sweep
+    searcher = search_algorithm(s.search, max_concurrent=concurrent)
+    return tune.TuneConfig(metric=grid.metric_name, mode=grid.metric_mode, num_samples=s.samples,
+                           search_alg=searcher, scheduler=scheduler(s.scheduler),
+                           # Tune wraps any other searcher in its own limiter.
+                           max_concurrent_trials=None if isinstance(searcher, BasicVariantGenerator) else concurrent)

@@ -94,6 +94,73 @@ def test_no_module_is_too_long():
     assert long == {}, f"modules over {MAX_LINES} lines: split them by responsibility"
 
 
+_DOC = REPO / "docs" / "architecture.md"
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """Names a module defines or imports at its top level (what `module.name` in a doc can refer to)."""
+    names: set[str] = set()
+    body = ast.parse(path.read_text(), str(path)).body
+    for node in [*body, *(n for top in body if isinstance(top, (ast.If, ast.Try)) for n in top.body)]:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            try:  # a package that loads its public names lazily lists them here
+                names.update(ast.literal_eval(node.value))
+            except ValueError:
+                pass
+    return names
+
+
+def _mlflow_tag_names() -> set[str]:
+    """The MLflow tags the code writes (`ckd.sweep_id`, ...): named in the doc, but not modules."""
+    tree = ast.parse((REPO / "orchestrator" / "records.py").read_text())
+    return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+
+
+def _doc_reference_problem(ref: str) -> str | None:
+    """Why `ref` (a path like cluster/base.py or a dotted name like cluster.base.Backend.submit) names
+    nothing in the tree, or None when it does."""
+    if "/" in ref:
+        return None if (REPO / ref.rstrip("/")).exists() else "no such file"
+    parts = ref.split(".")
+    for cut in range(len(parts), 0, -1):  # the longest prefix that is a module
+        base = REPO.joinpath(*parts[:cut])
+        module = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+        if module.is_file():
+            rest = parts[cut:]
+            if not rest or rest[0] in _top_level_names(module):
+                return None
+            return f"{'.'.join(parts[:cut])} has no {rest[0]!r}"
+    return "no such module"
+
+
+def test_architecture_doc_names_only_what_exists():
+    import re
+
+    text = _DOC.read_text()
+    refs = {m for m in re.findall(r"`([^`\s]+)`", text)
+            if m.split("/")[0].split(".")[0] in PACKAGES and re.fullmatch(r"[\w./]+", m)
+            and ("/" in m or "." in m)}
+    refs -= _mlflow_tag_names()
+    assert len(refs) > 40, "the doc should name the modules it describes"
+    problems = {ref: why for ref in sorted(refs) if (why := _doc_reference_problem(ref))}
+    assert problems == {}, f"docs/architecture.md names what does not exist: {problems}"
+
+
+def test_the_doc_check_catches_a_missing_name():
+    assert _doc_reference_problem("orchestrator.sweep") == "orchestrator has no 'sweep'"
+    assert _doc_reference_problem("orchestrator.submit.RemoteSweeps") == "orchestrator has no 'submit'"
+    assert _doc_reference_problem("cluster.base.Executor") == "cluster.base has no 'Executor'"
+    assert _doc_reference_problem("cluster/slurm/sweeps.py") == "no such file"
+    assert _doc_reference_problem("cluster.base.Backend") is None
+
+
 # ---------------------------------------------------------------------------------- light commands
 
 _RUNNER = """

@@ -8,25 +8,15 @@ versa (symmetric). In fine-tuning the negatives are examples with a different la
 
 from __future__ import annotations
 
-from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..alignment import resolve_layer_list
 from ..catalog import CoDIROptions
 from ..features import Features, FeatureNeeds, Needs
 from .base import Targets, Term, cls_vectors, register
-
-
-def _layer_list(spec: Union[str, list], depth: int, key: str) -> list[int]:
-    if spec == "all":
-        return list(range(1, depth + 1))
-    if spec == "every_other":
-        return list(range(2, depth + 1, 2)) or [depth]
-    if isinstance(spec, list) and spec and all(isinstance(v, int) and 1 <= v <= depth for v in spec):
-        return sorted(set(spec))
-    raise ValueError(f"{key}: expected 'all', 'every_other' or a list of layer indices in 1..{depth}, got {spec!r}")
 
 
 def contrastive_loss(anchor: Tensor, bank: Tensor, positive: Tensor, negatives: Tensor, temperature: float) -> Tensor:
@@ -53,8 +43,8 @@ class CoDIR(Term):
         super().__init__(options, student, teacher, task)
         if task.num_examples is None or task.num_examples < 2:
             raise ValueError("the codir term needs the training-set size (num_examples >= 2) for its memory bank")
-        self.student_layers = _layer_list(options.student_layers, student.num_layers, "student_layers")
-        self.teacher_layers = _layer_list(options.teacher_layers, teacher.num_layers, "teacher_layers")
+        self.student_layers = resolve_layer_list(options.student_layers, student.num_layers, "student_layers")
+        self.teacher_layers = resolve_layer_list(options.teacher_layers, teacher.num_layers, "teacher_layers")
         self.student_head = nn.Linear(student.hidden_size * len(self.student_layers), options.dim)
         self.teacher_head = nn.Linear(teacher.hidden_size * len(self.teacher_layers), options.dim)
         n = task.num_examples

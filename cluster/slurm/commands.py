@@ -8,8 +8,9 @@
 - `driver_env`: what the launcher adds to the driver's environment (the allocation's Ray cluster, the
   restart count, the stop file);
 - `node_memory`: Ray's --memory / --object-store-memory from Slurm's memory per node;
-- the files of one run: `rendezvous_dir`, `ray_temp_dir`, and `requeue_marker` (written by the launcher when
-  Slurm requeues the job, read by `SlurmBackend.status`);
+- the files of one run: `rendezvous_dir`, `ray_temp_dir` (the one function here that creates something: a
+  private, unpredictable directory), and `requeue_marker` (written by the launcher when Slurm requeues the
+  job, read by `SlurmBackend.status`);
 - `allocation_plan`: all of the above as text for `plan`.
 
 cluster.slurm.launcher runs these; tests and `plan` read them.
@@ -17,8 +18,12 @@ cluster.slurm.launcher runs these; tests and `plan` read them.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 import socket
+import stat
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,9 +130,33 @@ def choose_ports(job_id: int, node_index: int, *, skip: int = 0,
     raise RuntimeError(f"no free block of {PORT_BLOCK} ports in [{PORT_RANGE_START}, {PORT_RANGE_END}) on this node")
 
 
-def ray_temp_dir(job_id: int | str, restart: int | str, node_index: int | str) -> str:
-    """A short per-node Ray temp dir (Ray's Unix socket paths must stay under ~107 characters)."""
-    return f"/tmp/ckd-{job_id}-{restart}-{node_index}"
+TEMP_ROOT = "/tmp"
+# What `plan` shows for a node's Ray temp dir (its name is chosen on the node).
+RAY_TEMP_PLACEHOLDER = f"{TEMP_ROOT}/ckd-<uid>/<random>"
+
+
+def ray_temp_dir(root: str = TEMP_ROOT) -> str:
+    """A new Ray temp dir for one node of one run, created here: `tempfile.mkdtemp` (a random name, mode
+    0700, owned by this user) under the user's own base `<root>/ckd-<uid>` (created 0700). A base that is
+    not a real directory of this user's, closed to others (another user created it first, or a symlink), is
+    not used: the new directory then goes straight under `root`. Short (~23 characters): Ray's Unix socket
+    paths (under it, in session_<date>_<pid>/sockets/) must stay under ~107 characters.
+
+    Raises:
+        OSError: `root` is not writable.
+    """
+    uid = os.getuid()
+    base = os.path.join(root, f"ckd-{uid}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(base, 0o700)
+    parent = root
+    with contextlib.suppress(OSError):
+        info = os.lstat(base)
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == uid:
+            if info.st_mode & 0o077:
+                os.chmod(base, 0o700)
+            parent = base
+    return tempfile.mkdtemp(prefix="r", dir=parent)
 
 
 def rendezvous_dir(sweep_dir: str | Path, job_id: int | str, restart: int | str) -> Path:
@@ -270,14 +299,14 @@ def allocation_plan(*, sweep_dir: str | Path, driver_argv: Sequence[str], nodes:
              f"of {PORT_BLOCK} ports from {PORT_RANGE_START}); token: a new 0600 file {token}"]
     head_ports = NodePorts(port_block_order(job_id, 0)[0])
     head = ray_head_command(python=python, ports=head_ports, num_cpus=cpus_per_task, num_gpus=gpus_per_node,
-                            temp_dir=ray_temp_dir("<jobid>", restart, 0), node_ip="<node 0 ip>",
+                            temp_dir=RAY_TEMP_PLACEHOLDER, node_ip="<node 0 ip>",
                             memory_bytes=memory, object_store_bytes=store, include_dashboard=include_dashboard,
                             dashboard_host="<node 0 ip>")
     lines += ["# node 0 (Ray head):", f"{env} {shlex.join(head)}"]
     if nodes > 1:
         worker = ray_worker_command(python=python, head_address=f"<node 0 ip>:{head_ports.gcs}",
                                     ports=NodePorts(port_block_order(job_id, 1)[0]), num_cpus=cpus_per_task,
-                                    num_gpus=gpus_per_node, temp_dir=ray_temp_dir("<jobid>", restart, "<i>"),
+                                    num_gpus=gpus_per_node, temp_dir=RAY_TEMP_PLACEHOLDER,
                                     node_ip="<node i ip>", memory_bytes=memory, object_store_bytes=store)
         lines += [f"# nodes 1..{nodes - 1} (Ray workers; each on its own port block):", f"{env} {shlex.join(worker)}"]
     denv = driver_env(ray_address=f"<node 0 ip>:{head_ports.gcs}", token_path=token, job_id="<jobid>", restart=0,

@@ -18,8 +18,8 @@ RAY_AUTH_TOKEN_PATH (with RAY_AUTH_MODE=token).
 Ports: each node takes a block of PORT_BLOCK consecutive ports in [PORT_RANGE_START, PORT_RANGE_END) (below
 Linux's ephemeral range, above Ray's default worker ports), the first block chosen from the job id and node
 index and checked free, the next free block otherwise; two users' allocations on one node (and the testbed's
-emulated nodes, which share a host) get different blocks. Temp dirs are short (`/tmp/ckd-<job>-<restart>-<node>`,
-Ray's Unix sockets live there) and removed at the end.
+emulated nodes, which share a host) get different blocks. Temp dirs are short (`/tmp/ckd-<uid>/r<random>`,
+made by mkdtemp, 0700, under the user's own 0700 base; Ray's Unix sockets live there) and removed at the end.
 
 Walltime and preemption: submitit installs a USR2 handler (the sbatch script has `--signal=USR2@<delay>`);
 on task 0 it calls `RayAllocation.checkpoint`, which creates the `stop` file (its path is CKD_STOP_FILE in
@@ -272,8 +272,7 @@ class RayAllocation:
         rdv.mkdir(mode=0o700)
         token_path = rdv / "token"
         write_private(token_path, secrets.token_hex(32))
-        temp_dir = ray_temp_dir(env.job_id, env.restart, 0)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        temp_dir = ray_temp_dir()  # private and unpredictable (not a name another user could claim first)
         memory, store = node_memory(env.mem_per_node_mb)
         node_ip = _node_ip(env.node_name)
         self._runtime.update(env=env, rdv=rdv, temp_dir=temp_dir, stop_file=rdv / "stop")
@@ -363,8 +362,7 @@ class RayAllocation:
         head = wait_for(f"the Ray head's address in {rdv}/head.json", lambda: _read_json(rdv / "head.json"),
                         self.start_timeout_s, interval=1.0)
         token_path = rdv / "token"
-        temp_dir = ray_temp_dir(env.job_id, env.restart, env.node_index)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        temp_dir = ray_temp_dir()
         self._runtime["temp_dir"] = temp_dir
         memory, store = node_memory(env.mem_per_node_mb)
         node_ip = _node_ip(env.node_name)

@@ -1037,7 +1037,7 @@ def test_submit_of_a_grid_ships_the_sweep_and_follows_the_rayjob(api, tmp_path, 
 
     from cluster.kubernetes.backend import KubernetesBackend
     from orchestrator.control import create_sweep, refresh_status, start_driver
-    from orchestrator.driver import load_grid_of
+    from orchestrator.grid import GridSpec
     from orchestrator.grid import load_grid
     from orchestrator.launch import bootstrap_sweep
     from orchestrator.state import SweepDir
@@ -1068,7 +1068,7 @@ def test_submit_of_a_grid_ships_the_sweep_and_follows_the_rayjob(api, tmp_path, 
     assert bootstrap_sweep(pvc, env_vars["CKD_SWEEP_RECORD"]) is True
     assert pvc.record() == sweep.record()
     assert (pvc.path / "grid.yaml").read_text() == grid_file.read_text()
-    assert load_grid_of(pvc).to_dict() == grid.to_dict()
+    assert GridSpec.from_record(pvc.record()).to_dict() == grid.to_dict()
 
     with pytest.raises(RayJobExistsError, match="submitted before"):
         start_driver(sweep, grid, backend)

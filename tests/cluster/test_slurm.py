@@ -379,10 +379,29 @@ def test_choose_ports_sees_a_listening_socket():
         assert choose_ports(99, 0).base != base
 
 
-def test_temp_dirs_are_short_and_per_node():
-    assert ray_temp_dir(123456789, 3, 0) == "/tmp/ckd-123456789-3-0"
-    assert len(ray_temp_dir(2**31, 99, 999)) < 40  # + Ray's session_<date>_<pid>/sockets/plasma_store < 107
-    assert ray_temp_dir(5, 0, 0) != ray_temp_dir(5, 0, 1) != ray_temp_dir(5, 1, 1)
+def test_temp_dirs_are_short_private_and_unpredictable(tmp_path):
+    import shutil
+    import stat
+
+    made = [ray_temp_dir(), ray_temp_dir()]
+    try:
+        base = Path(f"/tmp/ckd-{os.getuid()}")
+        for path in map(Path, made):
+            assert path.parent == base and path.is_dir() and not path.is_symlink()
+            info = path.stat()
+            assert info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o700
+            assert len(str(path)) < 40  # + Ray's session_<date>_<pid>/sockets/plasma_store < 107
+        assert made[0] != made[1]  # a random name: nobody can create it first
+        assert base.stat().st_uid == os.getuid() and stat.S_IMODE(base.stat().st_mode) == 0o700
+    finally:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+    # a base another user (here: a symlink, or a directory open to others that is not ours) could have claimed
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / f"ckd-{os.getuid()}").symlink_to(tmp_path)
+    fallback = Path(ray_temp_dir(str(root)))
+    assert fallback.parent == root and stat.S_IMODE(fallback.stat().st_mode) == 0o700
     assert rendezvous_dir("/s", 5, 1) == Path("/s/slurm/ray-5-1")
 
 

@@ -45,7 +45,7 @@ def logits(model, tokenizer) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """The MLflow layout of a finished sweep (docs/contracts-sweep.md), in a module-wide SQLite store."""
+    """The MLflow layout of a finished sweep (docs/architecture.md, "MLflow layout"), in a module-wide SQLite store."""
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     before = os.environ.get("MLFLOW_TRACKING_URI")
