@@ -179,6 +179,11 @@ class Backend(ABC):
         """What stops the sweep before anything is queued (one message each, naming the key at fault)."""
         return []
 
+    def capacity(self) -> tuple[float, float] | None:
+        """(CPUs, GPUs) the sweep's trials share, where the backend knows them before anything starts (the
+        local machine); None where they are only known once the job runs (an allocation, a cluster)."""
+        return None
+
     def plan_text(self, launch: DriverLaunch) -> list[tuple[str, str]]:
         """(title, text) sections `plan` prints verbatim: what `submit` would hand to the scheduler."""
         return []

@@ -42,7 +42,7 @@ class LocalBackend(Backend):
     name = "local"
     spec: LocalClusterSpec
 
-    def resources(self) -> tuple[float, float]:
+    def capacity(self) -> tuple[float, float]:
         """(CPUs, GPUs) the local Ray offers trials: `num_cpus` / `num_gpus`, else what this machine has."""
         cpus = self.spec.num_cpus or os.cpu_count() or 1
         gpus = self.spec.num_gpus
@@ -57,7 +57,7 @@ class LocalBackend(Backend):
 
     def plan_problems(self, trial: TrialShape, launch: DriverLaunch) -> list[str]:
         """A trial that does not fit this machine (not even one at a time)."""
-        cpus, gpus = self.resources()
+        cpus, gpus = self.capacity()
         fit = math.floor(cpus / trial.cpus + 1e-9)
         if trial.gpus > 0:
             fit = min(fit, math.floor(gpus / trial.gpus + 1e-9))

@@ -62,7 +62,6 @@ import yaml
 from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, field_serializer, field_validator
 
 from cluster.base import BACKENDS, BackendUnavailable, ClusterSpec, config_model
-from cluster.local import LocalClusterSpec
 from jobs.glue import METRIC_MODE
 from jobs.spec import JobSpec
 from jobs.specbase import Problems, SpecError, SpecIssue, StrictModel
@@ -121,7 +120,7 @@ class GridSpec(StrictModel):
 
     job: dict[str, Any]
     sweep: SweepSpec = Field(default_factory=SweepSpec)
-    cluster: ClusterSpec = Field(default_factory=LocalClusterSpec,
+    cluster: ClusterSpec = Field(default_factory=lambda: config_model("local")(backend="local"),
                                  description="backend: local | ray | slurm | kubernetes, plus the backend's keys")
     mlflow: MlflowGridSpec = Field(default_factory=MlflowGridSpec)
     root: Path | None = Field(None, description="sweep root; default <grid dir>/sweeps/<grid stem>")

@@ -19,7 +19,6 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.base import Backend, DriverLaunch, TrialShape, backend_class
-from cluster.local import LocalBackend
 from jobs.packaged import resolve_source
 from jobs.storage import redact_uri, sqlite_path
 from orchestrator.launch import plan_launch
@@ -164,8 +163,8 @@ def print_plan(grid: Any, problems: list[str], console: Console | None = None) -
     line = (f"each trial: {r.workers} worker(s) x {r.cpus_per_worker:g} CPU"
             + (f" + {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else "") + " (DeepSpeed data parallel)")
     backend, launch = _backend_launch(grid)
-    if isinstance(backend, LocalBackend):  # trials share this machine: how many at once
-        cpus, gpus = backend.resources()
+    if (capacity := backend.capacity()) is not None:  # trials share known resources: how many at once
+        cpus, gpus = capacity
         line += f"; this machine: {cpus:g} CPUs, {gpus:g} GPUs -> {grid.concurrent_trials(cpus, gpus)} at a time"
     console.print(line)
     if total_flops:

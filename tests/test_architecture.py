@@ -1,7 +1,7 @@
 """The shape of the code: which package may import which, how long a module may be, and that the light
 commands stay light. Fast: it reads source files and runs the CLI on a sweep directory made by hand.
 
-    orchestrator -> cluster -> jobs.specbase, jobs.storage (the leaf modules: plain config and storage)
+    orchestrator -> cluster.base -> jobs.specbase, jobs.storage (the leaf modules: plain config and storage)
     jobs -> ckd;  ckd -> nothing of the project
 """
 
@@ -78,6 +78,9 @@ def test_imports_run_one_way():
                 problems.append(f"{where}: cluster imports only {' and '.join(CLUSTER_MAY_IMPORT_FROM_JOBS)} of jobs")
             elif own == "cluster" and other == "ckd":
                 problems.append(f"{where}: cluster never imports ckd")
+            elif own == "orchestrator" and other == "cluster" and imported != "cluster.base":
+                problems.append(f"{where}: the orchestrator reaches a backend only through cluster.base "
+                                "(backend_class, config_model)")
     assert problems == []
 
 

@@ -8,7 +8,6 @@ versa (symmetric). In fine-tuning the negatives are examples with a different la
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
