@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -47,15 +46,9 @@ def source_config(source: str) -> dict[str, Any] | None:
     """The config.json of a local (absolute path) or packaged model source, or None (Hub ids are not
     fetched; an unreadable file is None: loading the model reports it)."""
     try:
-        if source.startswith("package:"):
-            module_name = PACKAGE_MODELS.get(source.removeprefix("package:"), (None, None))[0]
-            if module_name is None or importlib.util.find_spec(module_name) is None:
-                return None
-            path = Path(importlib.import_module(module_name).get_model_path())
-        else:
-            path = Path(source)
-            if not path.is_absolute():
-                return None
+        path = Path(resolve_source(source))  # an unknown alias or a package not installed: None
+        if not path.is_absolute():
+            return None
         config = path / "config.json"
         stat = config.stat()
         return _read_config(str(config), stat.st_size, stat.st_mtime_ns)

@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from cluster.base import Backend, ClusterSpec, JobStatus, SweepStatus, backend_class, config_model
+from cluster.base import Backend, ClusterSpec, ClusterSpecError, JobStatus, SweepStatus, backend_class, config_model
 from jobs.storage import redact_text, redact_uri
 from orchestrator import records
 from orchestrator.console import console, print_champion, print_status
@@ -53,17 +53,14 @@ def create_sweep(grid: Any, grid_file: Path) -> SweepDir:
 
 def cluster_spec_of(sweep: SweepDir) -> ClusterSpec:
     """The sweep's validated `cluster:` block, from sweep.json (the grid's points are not validated again)."""
-    from pydantic import ValidationError
-
     data = dict(sweep.record()["grid"].get("cluster") or {"backend": "local"})
-    where = sweep.path / "sweep.json"
     try:
-        model = config_model(str(data.get("backend", "local")))
-        return model.model_validate(data)
-    except ValueError as err:  # an unknown backend; pydantic's ValidationError is a ValueError too
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()[:3]) \
-            if isinstance(err, ValidationError) else str(err)
-        raise SweepFileError(f"{where}: the recorded cluster block is not valid here: {detail}") from None
+        return config_model(str(data.get("backend", "local"))).from_mapping(data)
+    except ClusterSpecError as err:  # the project's one wording of a pydantic error, first problems only
+        detail = "; ".join(f"{key}: {message}" if key else message for key, message in err.issues[:3])
+    except ValueError as err:  # an unknown backend
+        detail = str(err)
+    raise SweepFileError(f"{sweep.path / 'sweep.json'}: the recorded cluster block is not valid here: {detail}")
 
 
 def backend_of(sweep: SweepDir) -> Backend:

@@ -71,7 +71,7 @@ def sync_from_mlflow(sweep: SweepDir, tracking_uri: str) -> dict[str, Any]:
     state = sweep.state()
     if state.get("parent_run_id") and SweepStatus(state.get("status", SweepStatus.PENDING)).is_terminal:
         return state
-    tracking_uri = unredact_uri(tracking_uri) or tracking_uri  # state.json keeps it without credentials
+    tracking_uri = unredact_uri(tracking_uri)  # state.json keeps it without credentials
     if is_redacted(tracking_uri) or not _answers(tracking_uri):
         return state
     names = _mlflow_names(sweep.record()["grid"])
@@ -104,7 +104,7 @@ def stored_tracking_uri(state: Mapping[str, Any]) -> str:
     stored = state.get("tracking_uri")
     if not stored:
         raise ValueError("the sweep's state.json names no MLflow tracking URI (has its driver started?)")
-    return require_connectable(unredact_uri(stored) or stored)
+    return require_connectable(unredact_uri(stored))
 
 
 def _mlflow_names(grid: Mapping[str, Any]) -> dict[str, str]:
